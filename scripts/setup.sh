@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for tremus: system packages, then the package itself
+# (which compiles the native helper and the micro-VM guest).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+need=()
+command -v gcc >/dev/null || need+=(gcc)
+command -v objcopy >/dev/null || need+=(binutils)
+command -v ip >/dev/null || need+=(iproute2)
+command -v tc >/dev/null || need+=(iproute2)
+command -v iptables >/dev/null || need+=(iptables)
+command -v modprobe >/dev/null || need+=(kmod)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
+    $SUDO apt-get update -q </dev/null
+    $SUDO apt-get install -y -q "${need[@]}" </dev/null
+fi
+python3 -m pip install -q --disable-pip-version-check -e '.[test]' </dev/null

@@ -1,0 +1,212 @@
+"""The micro-VM on real KVM: boot, suspend/resume, dirty logging, save and restore."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import trio
+
+from tests._microvm_util import ConsoleLog, boot, needs_kvm
+from tremus.domains.base import DomainError
+from tremus.domains.microvm import MicroVM, MicroVMConfig, abi
+from tremus.domains.registry import create_domain, parse_spec
+
+pytestmark = needs_kvm
+
+
+async def test_counter_boots_and_counts() -> None:
+    log = ConsoleLog()
+    vm = boot(log, workload="counter", memory="4M", interval_ms="10")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.run)
+        await log.wait_until(lambda c: len(c.counters()) >= 5)
+        vm.stop()
+    counters = log.counters()
+    assert counters[:5] == [1, 2, 3, 4, 5]
+
+
+async def test_suspend_stops_the_counter_and_resume_continues_it() -> None:
+    log = ConsoleLog()
+    vm = boot(log, workload="counter", memory="4M", interval_ms="10")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.run)
+        await log.wait_until(lambda c: len(c.counters()) >= 3)
+        await vm.suspend()
+        assert vm.suspended
+        seen = len(log.lines)
+        await trio.sleep(0.5)
+        assert len(log.lines) == seen, "the guest printed while suspended"
+        last = log.counters()[-1]
+        await vm.resume()
+        await log.wait_until(lambda c: c.counters()[-1] >= last + 2)
+        vm.stop()
+    counters = log.counters()
+    assert counters == list(range(1, len(counters) + 1))
+
+
+async def test_dirty_set_is_inside_the_working_set_and_clears() -> None:
+    ws_pages = 64
+    vm = boot(None, workload="dirty", memory="4M", ws=f"{ws_pages * 4}K", rate="5000",
+              pattern="random")
+    ws_first = abi.WORKING_SET_ADDR // abi.PAGE_SIZE
+    working_set = set(range(ws_first, ws_first + ws_pages))
+    # The guest's own pages: its image (code, data, bss) and its stack.
+    guest_own = set(range(abi.IMAGE_ADDR // 4096, abi.WORKING_SET_ADDR // 4096)) | set(
+        range(abi.STACK_TOP // 4096 - 4, abi.STACK_TOP // 4096)
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.run)
+        await vm.suspend()
+        vm.read_and_clear_dirty()  # boot-time writes
+        await vm.resume()
+        await trio.sleep(1.0)
+        await vm.suspend()
+        dirty = set(vm.read_and_clear_dirty())
+        assert dirty & working_set, "no working-set page was reported dirty"
+        assert dirty <= working_set | guest_own, sorted(dirty - working_set - guest_own)
+        assert len(dirty & working_set) > len(dirty - working_set)
+        # Cleared: nothing new while the vCPU is parked...
+        assert list(vm.read_and_clear_dirty()) == []
+        # ...except what the VMM itself writes.
+        vm.write_ram(3 * 4096 * 100, b"x" * 5000)
+        assert list(vm.read_and_clear_dirty()) == [300, 301]
+        assert list(vm.read_and_clear_dirty()) == []
+        await vm.resume()
+        await trio.sleep(0.5)
+        await vm.suspend()
+        again = set(vm.read_and_clear_dirty())
+        assert again and again <= working_set | guest_own
+        vm.stop()
+
+
+async def test_boot_writes_are_in_the_dirty_set() -> None:
+    vm = boot(None, workload="counter", memory="4M")
+    dirty = set(vm.read_and_clear_dirty())
+    assert {abi.PML4_ADDR // 4096, abi.BOOT_INFO_ADDR // 4096, abi.IMAGE_ADDR // 4096} <= dirty
+    vm.close()
+
+
+RESTORE_CHILD = textwrap.dedent(
+    """
+    import json, sys, trio
+    from tremus.domains.registry import restore_domain
+
+    async def main(config_path, ram_path, state_path):
+        config = json.load(open(config_path))
+        ram = memoryview(bytearray(open(ram_path, "rb").read()))
+        state = open(state_path, "rb").read()
+        lines = []
+        vm = restore_domain("microvm", config, ram, state, console=lines.append)
+        clock_start = vm.clock.now()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(vm.run)
+            with trio.fail_after(60):
+                while len(lines) < 3:
+                    await trio.sleep(0.01)
+            vm.stop()
+        print(json.dumps({"lines": lines, "clock_start": clock_start}))
+
+    trio.run(main, *sys.argv[1:])
+    """
+)
+
+
+async def test_save_and_restore_in_another_process(tmp_path: Path) -> None:
+    log = ConsoleLog()
+    vm = boot(log, workload="counter", memory="4M", interval_ms="20")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.run)
+        await log.wait_until(lambda c: len(c.counters()) >= 4)
+        await vm.suspend()
+        state = vm.save_state()
+        saved_clock = vm.clock.now()
+        (tmp_path / "ram").write_bytes(vm.ram)
+        last = log.counters()[-1]
+        vm.stop()
+    (tmp_path / "state").write_bytes(state)
+    (tmp_path / "config.json").write_text(json.dumps(dict(vm.config)))
+    await trio.sleep(0.3)  # time passes on the host before the restore
+    result = await trio.run_process(
+        [sys.executable, "-c", RESTORE_CHILD, str(tmp_path / "config.json"),
+         str(tmp_path / "ram"), str(tmp_path / "state")],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    out = json.loads(result.stdout)
+    counters = [int(line.split()[1]) for line in out["lines"] if line.startswith("counter ")]
+    assert counters[0] == last + 1, (last, out["lines"])
+    assert counters == list(range(last + 1, last + 1 + len(counters)))
+    # The guest clock continues from the saved reading; it does not jump back.
+    assert saved_clock - 50_000_000 <= out["clock_start"] < saved_clock + 5_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("microvm:workload=nope", "unknown workload"),
+        ("microvm:memory=1M", "too small"),
+        ("microvm:memory=lots", "not a size"),
+        ("microvm:color=red", "unknown micro-VM option"),
+        ("microvm:workload", "not key=value"),
+        ("xen:memory=16M", "unknown domain driver"),
+        ("microvm:memory=16M,memory=8M", "given twice"),
+        ("microvm:memory=8G", "too large"),
+    ],
+)
+def test_bad_specs_give_clear_errors(spec: str, message: str) -> None:
+    with pytest.raises(DomainError, match=message):
+        create_domain(spec)
+
+
+def test_spec_parsing() -> None:
+    assert parse_spec("microvm:workload=counter, memory=16M") == (
+        "microvm", {"workload": "counter", "memory": "16M"})
+    config = MicroVMConfig.from_options({"memory": "16M", "ws": "1M"})
+    assert config.memory == 16 << 20 and config.working_set_pages == 256
+
+
+def test_restore_rejects_corrupt_state() -> None:
+    config = MicroVMConfig.from_options({"memory": "4M"})
+    with pytest.raises(DomainError, match="corrupt micro-VM state|not a micro-VM state"):
+        MicroVM.from_checkpoint(config, bytes(config.memory), b"\x93garbage")
+
+
+def _cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tremus.cli", *args], capture_output=True, text=True,
+        timeout=120, env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+    )
+
+
+def test_cli_run_json_prints_console_events() -> None:
+    proc = _cli("run", "--domain", "microvm:workload=counter,memory=4M,interval_ms=20",
+                "--duration", "1.5", "--json")
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    consoles = [e for e in events if e["event"] == "console"]
+    assert consoles and consoles[0]["line"] == "counter 1"
+    assert all("host" in e for e in consoles)
+    assert events[-1]["event"] == "domain_stopped"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (["--domain", "microvm:memory=1M"], {}, "too small"),
+        (["--domain", "microvm:workload=bogus"], {}, "unknown workload"),
+        (["--domain", "microvm:memory=16M"], {"TREMUS_KVM_DEVICE": "/nonexistent/kvm"},
+         "has no KVM"),
+    ],
+)
+def test_cli_errors_are_one_line(args: list[str], env: dict[str, str], message: str) -> None:
+    proc = _cli("run", *args, "--duration", "1", **env)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

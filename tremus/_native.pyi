@@ -1,0 +1,73 @@
+"""Type stub and contract of the C extension ``tremus._native``.
+
+``tremus._pyfallback`` implements the memory functions (everything above the KVM
+section) with identical behaviour in pure Python; ``tremus.accel.impl`` is the one
+in use (native unless ``TREMUS_PURE_PYTHON=1`` or the extension is missing).
+Every function that loops over memory releases the GIL.
+"""
+
+from typing import Any as Buffer  # collections.abc.Buffer is Python 3.12+
+
+PAGE_SIZE: int  # 4096
+
+# -- memory ---------------------------------------------------------------------------
+def dirty_bitmap_to_pfns(bitmap: Buffer, extra: bytearray | None = None) -> bytes:
+    """Set bits of a KVM dirty bitmap (little-endian u64 words: pfn = byte*8 + bit),
+    OR-ed with ``extra`` (same layout, same length) when given, as ascending
+    little-endian u64 pfns. ``extra`` is zeroed afterwards."""
+
+def gather(src: Buffer, pfns: Buffer, dst: Buffer, page_size: int = 4096) -> int:
+    """Copy page ``pfns[i]`` of ``src`` to ``dst[i*page_size:]``; returns bytes copied.
+    ``pfns`` is little-endian u64. ValueError if a pfn is out of ``src`` or ``dst`` is
+    too small. ``dst`` must be writable."""
+
+def scatter(dst: Buffer, pfns: Buffer, src: Buffer, page_size: int = 4096) -> int:
+    """Inverse of gather: ``src[i*page_size:]`` to page ``pfns[i]`` of ``dst``."""
+
+def hash64(data: Buffer, seed: int = 0) -> int:
+    """A fast non-cryptographic 64-bit checksum (frame checksums, RAM digests)."""
+
+def delta_encode(
+    pages: Buffer, pfns: Buffer, cache_tags: Buffer, cache_data: Buffer, out: Buffer,
+    page_size: int = 4096,
+) -> int:
+    """Page-delta coding against a direct-mapped cache of previously sent pages.
+
+    ``cache_tags`` is a writable array of u64, one per slot (0 = empty, else pfn+1);
+    ``cache_data`` is ``slots * page_size`` writable bytes. Page i (``pages[i*ps:]``,
+    pfn ``pfns[i]``) goes to slot ``pfn % slots``. Output per page, concatenated:
+    one kind byte, then: RAW(0) ``page_size`` bytes | ZERO(1) nothing | SAME(2) nothing |
+    DELTA(3) u16 nruns, then nruns x (u16 skip_words, u16 len_words, len_words*4 bytes),
+    words being 32-bit, skips counted from the end of the previous run.
+    DELTA/SAME only against a cache hit; RAW when a delta would not be smaller.
+    The cache is updated with every page. ``out`` needs ``n * (page_size + 1)`` bytes
+    (a worst case delta is never emitted). Returns bytes written."""
+
+def delta_decode(
+    encoded: Buffer, pfns: Buffer, reference: Buffer, out: Buffer, page_size: int = 4096,
+) -> int:
+    """Decode ``delta_encode`` output: page i of ``out`` gets the decoded page for
+    ``pfns[i]``, SAME/DELTA taken against page ``pfns[i]`` of ``reference`` (the
+    backup's replica RAM). ValueError on any malformed, truncated or trailing input,
+    or an out-of-range pfn, before or while writing ``out`` (never outside it).
+    Returns bytes consumed (== len(encoded))."""
+
+def memcpy(dst: Buffer, src: Buffer) -> int:
+    """Plain memcpy with the GIL released: the limit the copy benchmark compares to."""
+
+# -- KVM ------------------------------------------------------------------------------
+def kvm_run(vcpu_fd: int) -> int:
+    """ioctl(KVM_RUN) with the GIL released; 0 or -errno (e.g. -EINTR after a kick)."""
+
+def get_dirty_log(vm_fd: int, slot: int, bitmap: Buffer) -> None:
+    """KVM_GET_DIRTY_LOG for ``slot`` into the writable ``bitmap``; OSError on failure."""
+
+def install_kick_handler(signum: int) -> None:
+    """Install a no-op handler for ``signum`` without SA_RESTART (process-wide)."""
+
+def kick(thread_id: int, run: Buffer, signum: int) -> None:
+    """Set ``immediate_exit`` (byte 1) of the writable kvm_run mapping ``run`` and
+    ``pthread_kill(thread_id, signum)``: the vCPU leaves KVM_RUN with EINTR."""
+
+def buffer_address(buf: Buffer) -> int:
+    """Address of a buffer's first byte (for ioctl structs holding pointers)."""

@@ -1,0 +1,58 @@
+"""Host side of the guest ABI (mirrors ``guest/abi.h``; documented in ``guest/ABI.md``)."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+PAGE_SIZE = 4096
+PML4_ADDR = 0x1000
+PDPT_ADDR = 0x2000
+PD_ADDR = 0x3000  # four page directories: 0x3000..0x6fff map up to 4 GiB
+BOOT_INFO_ADDR = 0x8000
+STACK_TOP = 0x80000
+IMAGE_ADDR = 0x100000
+WORKING_SET_ADDR = 0x200000
+MIN_RAM = 2 << 20
+MAX_RAM = 4 << 30
+
+BOOT_INFO_MAGIC = 0x494253554D455254
+BOOT_INFO_VERSION = 1
+
+PORT_CONSOLE = 0x510
+PORT_CLOCK_LO = 0x520
+PORT_CLOCK_HI = 0x524
+PORT_IDLE = 0x530
+PORT_EXIT = 0x540
+
+WORKLOADS = {"counter": 1, "dirty": 2, "kv": 3}
+PATTERNS = {"random": 0, "sequential": 1, "hotset": 2}
+
+_BOOT_INFO = struct.Struct("<11Q8sIIQ")
+
+
+@dataclass(frozen=True, slots=True)
+class BootInfo:
+    """What the guest reads at ``BOOT_INFO_ADDR`` to learn its job."""
+
+    ram_size: int
+    workload: int
+    interval_us: int = 100_000
+    ws_start: int = WORKING_SET_ADDR
+    ws_pages: int = 0
+    rate: int = 0
+    pattern: int = 0
+    hot_pages: int = 0
+    seed: int = 1
+    mac: bytes = b"\0" * 6
+    ip: bytes = b"\0" * 4
+    netmask: bytes = b"\0" * 4
+    net_buf: int = 0
+
+    def pack(self) -> bytes:
+        return _BOOT_INFO.pack(
+            BOOT_INFO_MAGIC, BOOT_INFO_VERSION, self.ram_size, self.workload, self.interval_us,
+            self.ws_start, self.ws_pages, self.rate, self.pattern, self.hot_pages, self.seed,
+            self.mac.ljust(8, b"\0"), int.from_bytes(self.ip, "little"),
+            int.from_bytes(self.netmask, "little"), self.net_buf,
+        )

@@ -1,0 +1,140 @@
+/*
+ * The tremus micro-VM guest: freestanding, general registers only, short on
+ * instructions (under emulation it runs at about a million per second).
+ */
+#include "abi.h"
+
+__asm__(
+    ".section .text.start, \"ax\"\n"
+    ".global _start\n"
+    "_start:\n"
+    "    call main\n"
+    "1:  hlt\n"
+    "    jmp 1b\n"
+    ".previous\n");
+
+#define BI ((volatile struct boot_info *)BOOT_INFO_ADDR)
+
+static char line[128];
+
+static u64 clock_ns(void)
+{
+    u64 lo = inl(PORT_CLOCK_LO);
+    u64 hi = inl(PORT_CLOCK_HI);
+    return (hi << 32) | lo;
+}
+
+static void idle_us(u64 us)
+{
+    outl(PORT_IDLE, us > 0xffffffffUL ? 0xffffffffU : (u32)us);
+    hlt();
+}
+
+static char *put_str(char *p, const char *s)
+{
+    while (*s)
+        *p++ = *s++;
+    return p;
+}
+
+static char *put_u64(char *p, u64 v)
+{
+    char tmp[20];
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n)
+        *p++ = tmp[--n];
+    return p;
+}
+
+static void print(char *end)
+{
+    *end = 0;
+    outl(PORT_CONSOLE, (u32)(u64)line);
+}
+
+/* Kept in RAM so that a checkpoint carries it: the counter is the guest's state. */
+static volatile u64 counter;
+
+static void run_counter(void)
+{
+    u64 interval = BI->interval_us;
+    for (;;) {
+        counter = counter + 1;
+        print(put_u64(put_str(line, "counter "), counter));
+        idle_us(interval);
+    }
+}
+
+static u64 rng_state;
+
+static u64 rng(void)
+{
+    u64 x = rng_state;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    rng_state = x;
+    return x;
+}
+
+static volatile u64 pages_dirtied;
+
+static void run_dirty(void)
+{
+    volatile u8 *ws = (volatile u8 *)BI->ws_start;
+    u64 n = BI->ws_pages, rate = BI->rate, pattern = BI->pattern;
+    u64 hot = BI->hot_pages ? BI->hot_pages : 1;
+    u64 tick_us = 10000, next = 0, stamp = 0;
+    u64 per_tick = rate / 100;
+    u64 remainder = rate % 100, acc = 0;
+    rng_state = BI->seed | 1;
+    print(put_u64(put_str(line, "dirty pages="), n));
+    for (;;) {
+        u64 batch = per_tick;
+        acc += remainder;
+        if (acc >= 100) {
+            acc -= 100;
+            batch++;
+        }
+        for (u64 i = 0; i < batch; i++) {
+            u64 page;
+            if (pattern == PAT_SEQUENTIAL) {
+                page = next;
+                next = next + 1 == n ? 0 : next + 1;
+            } else if (pattern == PAT_HOTSET && (rng() & 15) != 0) {
+                page = rng() % (hot < n ? hot : n);
+            } else {
+                page = rng() % n;
+            }
+            stamp++;
+            *(volatile u64 *)(ws + page * 4096 + ((stamp * 64) & 4095)) = stamp;
+        }
+        pages_dirtied = pages_dirtied + batch;
+        idle_us(tick_us);
+    }
+}
+
+
+void main(void)
+{
+    if (BI->magic != BOOT_INFO_MAGIC) {
+        outl(PORT_EXIT, 2);
+        return;
+    }
+    switch (BI->workload) {
+    case WL_COUNTER:
+        run_counter();
+        break;
+    case WL_DIRTY:
+        run_dirty();
+        break;
+    default:
+        print(put_str(line, "unknown workload"));
+        outl(PORT_EXIT, 3);
+    }
+    (void)clock_ns;
+}

@@ -1,0 +1,429 @@
+"""The micro-VM: guest RAM in a memfd, one long-mode vCPU, paravirtual devices.
+
+The vCPU runs in a worker thread (``trio.to_thread``) that loops on KVM_RUN and
+dispatches exits to the devices; the Trio side parks and releases it. Suspending
+kicks the vCPU out of KVM_RUN (``immediate_exit`` + a signal to its thread).
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+from importlib import resources
+from typing import Any, final
+
+import msgpack
+import trio
+
+from tremus._groups import collapse_groups
+from tremus.accel import impl, native
+from tremus.domains.base import ConsoleSink, DomainError, Geometry
+from tremus.domains.microvm import _kvm, abi
+from tremus.domains.microvm.config import MicroVMConfig
+from tremus.domains.microvm.devices import Clock, Console, ExitPort, Idle, PortDevice
+from tremus.domains.microvm.vcpu import Vcpu
+
+__all__ = ["MicroVM", "STATE_FORMAT", "STATE_VERSION", "guest_image"]
+
+STATE_FORMAT = "tremus-microvm"
+STATE_VERSION = 1
+KICK_SIGNAL = signal.SIGRTMIN + 3
+_kick_handler_installed = False
+
+
+def guest_image() -> bytes:
+    """The guest binary the package build compiled."""
+    try:
+        return (resources.files("tremus.domains.microvm.guest") / "guest.bin").read_bytes()
+    except FileNotFoundError:
+        raise DomainError(
+            "the micro-VM guest image is not built; install the package with `pip install -e .`"
+        ) from None
+
+
+def _require_native() -> Any:
+    if native is None:
+        raise DomainError("the native helper tremus._native is not built; run `pip install -e .`")
+    global _kick_handler_installed
+    if not _kick_handler_installed:
+        native.install_kick_handler(KICK_SIGNAL)
+        _kick_handler_installed = True
+    return native
+
+
+@final
+class MicroVM:
+    """A KVM micro-VM implementing the ``Domain`` protocol.
+
+    Build one with ``MicroVM.boot(config)`` or ``MicroVM.from_checkpoint(...)``, then
+    ``await nursery.start(vm.run)``.
+    """
+
+    driver = "microvm"
+
+    def __init__(self, config: MicroVMConfig, *, console: ConsoleSink | None = None,
+                 kvm_path: str | None = None) -> None:
+        kvm_path = kvm_path or os.environ.get("TREMUS_KVM_DEVICE", "/dev/kvm")
+        self._native = _require_native()
+        self._config = config
+        self._geometry = Geometry(config.memory, abi.PAGE_SIZE)
+        self._console_sink = console
+        try:
+            self._kvm_fd = _kvm.open_kvm(kvm_path)
+        except FileNotFoundError:
+            raise DomainError(f"{kvm_path} does not exist: this host has no KVM") from None
+        except PermissionError:
+            raise DomainError(f"{kvm_path}: permission denied (run as root or join group kvm)") from None
+        self._fds: list[int] = [self._kvm_fd]
+        try:
+            self._vm_fd = _kvm_create_vm(self._kvm_fd)
+            self._fds.append(self._vm_fd)
+            self._mem_fd = os.memfd_create("tremus-guest-ram", os.MFD_CLOEXEC)
+            self._fds.append(self._mem_fd)
+            os.ftruncate(self._mem_fd, config.memory)
+            self._mmap = mmap.mmap(self._mem_fd, config.memory, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+            self._ram = memoryview(self._mmap)
+            region = _kvm.UserspaceMemoryRegion(
+                slot=0, flags=_kvm.KVM_MEM_LOG_DIRTY_PAGES, guest_phys_addr=0,
+                memory_size=config.memory,
+                userspace_addr=self._native.buffer_address(self._mmap),
+            )
+            _kvm.ioctl_struct(self._vm_fd, _kvm.KVM_SET_USER_MEMORY_REGION, region)
+            self._vcpu = Vcpu(self._kvm_fd, self._vm_fd)
+        except OSError as exc:
+            self.close()
+            raise DomainError(f"cannot create the micro-VM: {exc}") from exc
+        bitmap_bytes = (self._geometry.pages + 63) // 64 * 8
+        self._kvm_bitmap = bytearray(bitmap_bytes)
+        self._vmm_bitmap = bytearray(bitmap_bytes)
+
+        self.clock = Clock()
+        self.idle = Idle(self.clock)
+        self.console = Console(self._ram, self._emit_console)
+        self.exit_port = ExitPort()
+        self._devices: tuple[PortDevice, ...] = (self.clock, self.idle, self.console, self.exit_port)
+        self._ports: dict[int, PortDevice] = {p: d for d in self._devices for p in d.ports}
+        self._exits: dict[int, Callable[[], None]] = {
+            _kvm.KVM_EXIT_IO: self._on_io,
+            _kvm.KVM_EXIT_HLT: self._on_hlt,
+        }
+
+        self._cond = threading.Condition()
+        self._want_pause = False
+        self._want_stop = False
+        self._parked = False
+        self._halted = False
+        self._wakeup = False
+        self._thread_id: int | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._parked_event = trio.Event()
+        self._on_started: Callable[[], None] = lambda: None
+        self._running = False
+        self._closed = False
+        #: perf_counter_ns() when the vCPU last parked / left the park.
+        self.stopped_at_ns = 0
+        self.resumed_at_ns = 0
+        #: Time from the suspend request to the vCPU being parked, last suspend.
+        self.kick_latency_ns = 0
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def boot(cls, config: MicroVMConfig, *, console: ConsoleSink | None = None) -> MicroVM:
+        """A fresh machine: page tables, boot info and the guest image written to RAM."""
+        vm = cls(config, console=console)
+        try:
+            vm._load_fresh()
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+    @classmethod
+    def from_checkpoint(cls, config: MicroVMConfig, ram: memoryview | bytes, state: bytes, *,
+                        console: ConsoleSink | None = None) -> MicroVM:
+        """A machine rebuilt from a RAM image and ``save_state()`` bytes (failover)."""
+        if len(ram) != config.memory:
+            raise DomainError(f"RAM image is {len(ram)} bytes, the configuration says {config.memory}")
+        vm = cls(config, console=console)
+        try:
+            vm._ram[:] = ram
+            vm._load_state(state)
+        except BaseException:
+            vm.close()
+            raise
+        return vm
+
+    def _load_fresh(self) -> None:
+        tables = bytearray(0x6000)  # PML4, PDPT and four PDs at 0x1000..0x6fff
+        struct.pack_into("<Q", tables, 0, abi.PDPT_ADDR | 3)
+        for i in range(4):
+            struct.pack_into("<Q", tables, 0x1000 + 8 * i, (abi.PD_ADDR + 0x1000 * i) | 3)
+            for j in range(512):
+                struct.pack_into("<Q", tables, 0x2000 + 0x1000 * i + 8 * j,
+                                 ((i << 30) | (j << 21)) | 0x83)
+        self.write_ram(abi.PML4_ADDR, tables)
+        self.write_ram(abi.BOOT_INFO_ADDR, self._config.boot_info().pack())
+        image = guest_image()
+        if abi.IMAGE_ADDR + len(image) > min(self._config.memory, abi.WORKING_SET_ADDR):
+            raise DomainError("the guest image does not fit below the working set")
+        self.write_ram(abi.IMAGE_ADDR, image)
+        self._vcpu.boot_long_mode(abi.IMAGE_ADDR)
+
+    def _load_state(self, blob: bytes) -> None:
+        try:
+            state = msgpack.unpackb(blob, raw=False)
+            if state.get("format") != STATE_FORMAT:
+                raise DomainError(f"not a micro-VM state (format {state.get('format')!r})")
+            if state.get("version") != STATE_VERSION:
+                raise DomainError(f"micro-VM state version {state.get('version')} is not "
+                                  f"supported (this build reads {STATE_VERSION})")
+            self._vcpu.restore(state["vcpu"])
+            for device in self._devices:
+                device.restore(state["devices"][device.name])
+            self._halted = bool(state["halted"])
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
+            raise DomainError(f"corrupt micro-VM state: {exc!r}") from exc
+        except OSError as exc:
+            raise DomainError(f"KVM refused the saved vCPU state: {exc}") from exc
+
+    # -- Domain protocol ------------------------------------------------------------
+    @property
+    def config(self) -> Mapping[str, Any]:
+        return self._config.to_dict()
+
+    @property
+    def microvm_config(self) -> MicroVMConfig:
+        return self._config
+
+    @property
+    def geometry(self) -> Geometry:
+        return self._geometry
+
+    @property
+    def ram(self) -> memoryview:
+        return self._ram
+
+    @property
+    def suspended(self) -> bool:
+        return self._parked
+
+    def write_ram(self, addr: int, data: bytes | bytearray | memoryview) -> None:
+        """Write into guest RAM as a device would (DMA); the pages become dirty."""
+        end = addr + len(data)
+        if addr < 0 or end > self._config.memory:
+            raise DomainError(f"VMM write {addr:#x}..{end:#x} outside guest RAM")
+        self._ram[addr:end] = data
+        for pfn in range(addr // abi.PAGE_SIZE, (end - 1) // abi.PAGE_SIZE + 1 if data else 0):
+            self._vmm_bitmap[pfn >> 3] |= 1 << (pfn & 7)
+
+    def read_and_clear_dirty(self) -> memoryview:
+        self._native.get_dirty_log(self._vm_fd, 0, self._kvm_bitmap)
+        pfns = impl.dirty_bitmap_to_pfns(self._kvm_bitmap, self._vmm_bitmap)
+        return memoryview(pfns).cast("Q")
+
+    def save_state(self) -> bytes:
+        if not self._parked and self._running:
+            raise DomainError("save_state() needs a suspended domain")
+        return msgpack.packb({
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "vcpu": self._vcpu.save(),
+            "halted": self._halted,
+            "devices": {d.name: d.save() for d in self._devices},
+        })
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the guest until ``stop()``; DomainError if the guest stops by itself."""
+        if self._running or self._closed:
+            raise DomainError("this micro-VM has already run")
+        self._running = True
+        self._token = trio.lowlevel.current_trio_token()
+        started = trio.Event()
+        self._on_started = started.set
+        try:
+            with collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._stop_when_cancelled)
+                    nursery.start_soon(self._run_vcpu_thread, nursery.cancel_scope)
+                    await started.wait()
+                    task_status.started()
+        finally:
+            self._running = False
+            self._parked_event.set()
+            self._close_kvm()
+        if self.exit_port.code is not None:
+            raise DomainError(f"the guest stopped itself with code {self.exit_port.code}")
+
+    async def _stop_when_cancelled(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.stop()
+
+    async def _run_vcpu_thread(self, scope: trio.CancelScope) -> None:
+        try:
+            await trio.to_thread.run_sync(self._thread_main, abandon_on_cancel=False)
+        except OSError as exc:
+            raise DomainError(f"vCPU failed: {exc}") from exc
+        scope.cancel()
+
+    async def suspend(self) -> None:
+        if self._parked:
+            return
+        if not self._running:
+            raise DomainError("suspend() of a micro-VM that is not running")
+        self._parked_event = trio.Event()
+        requested = time.perf_counter_ns()
+        with self._cond:
+            self._want_pause = True
+            self._cond.notify_all()
+            thread_id = self._thread_id
+        if thread_id is not None:
+            self._native.kick(thread_id, self._vcpu.run, KICK_SIGNAL)
+        await self._parked_event.wait()
+        if not self._running:
+            raise DomainError("the micro-VM stopped while being suspended")
+        self.kick_latency_ns = self.stopped_at_ns - requested
+
+    async def resume(self) -> None:
+        with self._cond:
+            self._want_pause = False
+            self._cond.notify_all()
+        await trio.lowlevel.checkpoint()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._want_stop = True
+            self._cond.notify_all()
+            thread_id = self._thread_id
+        if thread_id is not None and not self._closed:
+            try:
+                self._native.kick(thread_id, self._vcpu.run, KICK_SIGNAL)
+            except (ValueError, OSError):
+                pass  # the thread already left
+
+    def wake(self) -> None:
+        """End a HLT early (a device has something for the guest)."""
+        with self._cond:
+            self._wakeup = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Release KVM and the RAM mapping (``ram`` is invalid afterwards)."""
+        self._close_kvm()
+        try:
+            self._ram.release()
+            self._mmap.close()
+        except (AttributeError, BufferError):
+            pass
+
+    def _close_kvm(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if hasattr(self, "_vcpu"):
+            self._vcpu.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    # -- the vCPU thread ------------------------------------------------------------
+    def _thread_main(self) -> None:
+        with self._cond:
+            self._thread_id = threading.get_ident()
+        assert self._token is not None
+        self._token.run_sync_soon(self._on_started)
+        try:
+            self._vcpu_loop()
+        finally:
+            with self._cond:
+                self._thread_id = None
+
+    def _vcpu_loop(self) -> None:
+        run_vcpu = self._native.kvm_run
+        fd = self._vcpu.fd
+        while self._park_if_requested():
+            if self._halted and not self._wait_halted():
+                continue
+            rc = run_vcpu(fd)
+            if rc == -errno.EINTR:
+                self._vcpu.clear_immediate_exit()
+                continue
+            if rc < 0:
+                raise OSError(-rc, f"KVM_RUN: {os.strerror(-rc)}")
+            reason = self._vcpu.exit_reason
+            handler = self._exits.get(reason)
+            if handler is None:
+                raise DomainError(
+                    f"vCPU exit {_kvm.EXIT_NAMES.get(reason, reason)} is not handled "
+                    f"(guest crashed?)"
+                )
+            handler()
+            if self.exit_port.code is not None:
+                return
+
+    def _park_if_requested(self) -> bool:
+        with self._cond:
+            if self._want_pause and not self._want_stop:
+                self._parked = True
+                self.stopped_at_ns = time.perf_counter_ns()
+                assert self._token is not None
+                self._token.run_sync_soon(self._parked_event.set)
+                while self._want_pause and not self._want_stop:
+                    self._cond.wait()
+                self._parked = False
+                self.resumed_at_ns = time.perf_counter_ns()
+            return not self._want_stop
+
+    def _wait_halted(self) -> bool:
+        """Sleep through a HLT until its deadline or a wakeup; False if interrupted."""
+        with self._cond:
+            while not (self._want_pause or self._want_stop or self._wakeup):
+                remaining = self.idle.remaining()
+                if remaining is not None and remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            if self._want_pause or self._want_stop:
+                return False
+            self._wakeup = False
+            self._halted = False
+            self.idle.deadline = None
+            return True
+
+    def _on_io(self) -> None:
+        direction, size, port, count, offset = self._vcpu.io_exit()
+        device = self._ports.get(port)
+        if device is None or count != 1:
+            raise DomainError(f"guest I/O on unknown port {port:#x} (size {size}, count {count})")
+        run = self._vcpu.run
+        if direction == _kvm.KVM_EXIT_IO_OUT:
+            device.io_out(port, int.from_bytes(run[offset : offset + size], "little"))
+        else:
+            value = device.io_in(port) & ((1 << (8 * size)) - 1)
+            run[offset : offset + size] = value.to_bytes(size, "little")
+
+    def _on_hlt(self) -> None:
+        self._halted = True
+
+    def _emit_console(self, line: str) -> None:
+        sink = self._console_sink
+        if sink is not None and self._token is not None:
+            self._token.run_sync_soon(sink, line)
+
+
+def _kvm_create_vm(kvm_fd: int) -> int:
+    import fcntl
+
+    vm_fd = fcntl.ioctl(kvm_fd, _kvm.KVM_CREATE_VM, 0)
+    try:
+        fcntl.ioctl(vm_fd, _kvm.KVM_SET_TSS_ADDR, 0x7FFBD000)
+    except OSError:
+        pass  # not needed on every host (only for real-mode emulation on VMX)
+    return vm_fd

@@ -1,0 +1,103 @@
+"""Checkpoint devices: things that act at fixed points of every epoch.
+
+The shape is libxl's checkpoint device model: each device has ``setup``,
+``postsuspend``, ``preresume``, ``commit`` and ``teardown``; the runner calls one
+operation on all devices in parallel and fails if any of them fails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, final, runtime_checkable
+
+import trio
+
+__all__ = ["CheckpointDevice", "DeviceError", "DeviceRunner"]
+
+
+class DeviceError(Exception):
+    """A checkpoint device failed an operation."""
+
+    def __init__(self, device: str, op: str, cause: BaseException | str) -> None:
+        super().__init__(f"{device}: {op} failed: {cause}")
+        self.device = device
+        self.op = op
+        self.cause = cause
+
+
+@runtime_checkable
+class CheckpointDevice(Protocol):
+    """An output buffer or any other device that follows the epoch.
+
+    ``postsuspend(epoch)`` closes the output of ``epoch`` (it was produced while the
+    guest ran epoch ``epoch``); ``commit(epoch)`` releases it once the backup holds
+    checkpoint ``epoch``; ``release_all()`` lets everything through when protection
+    is lost (the guest keeps running, unprotected).
+    """
+
+    name: str
+    #: How many closed-but-uncommitted epochs the device can hold (plug: 1).
+    max_inflight: int
+
+    async def setup(self) -> None: ...
+
+    async def postsuspend(self, epoch: int) -> None: ...
+
+    async def preresume(self, epoch: int) -> None: ...
+
+    async def commit(self, epoch: int) -> int:
+        """Release ``epoch``'s output; returns how many packets/writes were released."""
+
+    async def release_all(self) -> None: ...
+
+    async def teardown(self) -> None: ...
+
+
+@final
+class DeviceRunner:
+    """Runs one operation over all devices in parallel (libxl's device runner)."""
+
+    def __init__(self, devices: Sequence[CheckpointDevice]) -> None:
+        self.devices = tuple(devices)
+
+    @property
+    def max_inflight(self) -> int:
+        return min((d.max_inflight for d in self.devices), default=1 << 30)
+
+    async def _each(self, op: str, *args: int) -> list[object]:
+        results: list[object] = [None] * len(self.devices)
+        errors: list[DeviceError] = []
+
+        async def one(i: int, device: CheckpointDevice) -> None:
+            try:
+                results[i] = await getattr(device, op)(*args)
+            except trio.Cancelled:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported with device and op
+                errors.append(DeviceError(device.name, op, exc))
+
+        async with trio.open_nursery() as nursery:
+            for i, device in enumerate(self.devices):
+                nursery.start_soon(one, i, device)
+        if errors:
+            raise errors[0]
+        return results
+
+    async def setup(self) -> None:
+        await self._each("setup")
+
+    async def postsuspend(self, epoch: int) -> None:
+        await self._each("postsuspend", epoch)
+
+    async def preresume(self, epoch: int) -> None:
+        await self._each("preresume", epoch)
+
+    async def commit(self, epoch: int) -> int:
+        return sum(int(r or 0) for r in await self._each("commit", epoch))  # type: ignore[call-overload]
+
+    async def release_all(self) -> None:
+        await self._each("release_all")
+
+    async def teardown(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._each("teardown")

@@ -1,0 +1,253 @@
+"""Typed, immutable events, and the hub that delivers them.
+
+Every step of protection emits an event. Consumers subscribe by ``async for`` over
+a subscription, by callback, or read JSON lines from the CLI. Long operations
+complete the libxl way (``ao_how``): the caller awaits them, or passes a callback,
+or watches for the completion event.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, final
+
+import trio
+
+__all__ = [
+    "BackupLost", "BackupReady", "CheckpointAcked", "CheckpointApplied", "CheckpointSent",
+    "Console", "DeviceFailed", "DomainStarted", "DomainStopped", "Event", "EventHub",
+    "FailoverComplete", "FailoverRefused", "FailoverStarted", "OutputReleased",
+    "PrimaryConnected", "ProtectionStarted", "ProtectionStopped", "Subscription",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base of all events; ``name`` is the JSON ``event`` field."""
+
+    name: ClassVar[str] = "event"
+    time: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"event": self.name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                value = None
+            data[f.name] = value
+        return data
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DomainStarted(Event):
+    name: ClassVar[str] = "domain_started"
+    domain: str
+    ram_bytes: int
+    host: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DomainStopped(Event):
+    name: ClassVar[str] = "domain_stopped"
+    reason: str
+    host: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Console(Event):
+    name: ClassVar[str] = "console"
+    line: str
+    host: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProtectionStarted(Event):
+    name: ClassVar[str] = "protection_started"
+    domain: str
+    backup: str
+    interval_ms: float
+    codec: str
+    devices: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointSent(Event):
+    name: ClassVar[str] = "checkpoint_sent"
+    epoch: int
+    dirty_pages: int
+    bytes_sent: int
+    pause_us: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointAcked(Event):
+    name: ClassVar[str] = "checkpoint_acked"
+    epoch: int
+    dirty_pages: int
+    pause_us: float
+    kick_us: float
+    bytes_sent: int
+    raw_bytes: int
+    round_trip_ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputReleased(Event):
+    name: ClassVar[str] = "output_released"
+    epoch: int
+    packets: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceFailed(Event):
+    name: ClassVar[str] = "device_failed"
+    device: str
+    op: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackupLost(Event):
+    name: ClassVar[str] = "backup_lost"
+    reason: str
+    last_acked_epoch: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProtectionStopped(Event):
+    name: ClassVar[str] = "protection_stopped"
+    reason: str
+    epochs_acked: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BackupReady(Event):
+    name: ClassVar[str] = "backup_ready"
+    listen: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrimaryConnected(Event):
+    name: ClassVar[str] = "primary_connected"
+    peer: str
+    domain: str
+    ram_bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointApplied(Event):
+    name: ClassVar[str] = "checkpoint_applied"
+    epoch: int
+    pages: int
+    bytes_received: int
+    apply_us: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailoverStarted(Event):
+    name: ClassVar[str] = "failover_started"
+    epoch: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailoverComplete(Event):
+    name: ClassVar[str] = "failover_complete"
+    epoch: int
+    downtime_ms: float
+    host: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FailoverRefused(Event):
+    name: ClassVar[str] = "failover_refused"
+    reason: str
+
+
+Callback = Callable[[Event], None]
+
+
+@final
+class Subscription:
+    """An ``async for`` view of a hub's events from the moment of subscribing.
+
+    The buffer is bounded so a consumer that stops reading cannot exhaust memory;
+    when it overflows the oldest events are dropped and ``dropped`` counts them.
+    """
+
+    def __init__(self, hub: EventHub, maxlen: int) -> None:
+        self._hub = hub
+        self._queue: deque[Event] = deque()
+        self._maxlen = maxlen
+        self._lot = trio.lowlevel.ParkingLot()
+        self._closed = False
+        self.dropped = 0
+
+    def _push(self, event: Event) -> None:
+        if len(self._queue) >= self._maxlen:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append(event)
+        self._lot.unpark_all()
+
+    def close(self) -> None:
+        self._closed = True
+        self._hub._subscriptions.discard(self)
+        self._lot.unpark_all()
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self
+
+    async def __anext__(self) -> Event:
+        while not self._queue:
+            if self._closed:
+                raise StopAsyncIteration
+            await self._lot.park()
+        return self._queue.popleft()
+
+    async def wait_for(self, kind: type[Event], predicate: Callable[[Any], bool] = lambda e: True) -> Any:
+        """The next event of ``kind`` that satisfies ``predicate``."""
+        async for event in self:
+            if isinstance(event, kind) and predicate(event):
+                return event
+        raise trio.EndOfChannel(f"subscription closed before a {kind.name} event")
+
+
+@final
+class EventHub:
+    """Fan-out of events to callbacks and subscriptions (all on the Trio thread)."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callback] = []
+        self._subscriptions: set[Subscription] = set()
+
+    def emit(self, event: Event) -> None:
+        for callback in list(self._callbacks):
+            callback(event)
+        for subscription in list(self._subscriptions):
+            subscription._push(event)
+
+    def add_callback(self, callback: Callback) -> Callable[[], None]:
+        """Call ``callback(event)`` for every event; returns a function that unsubscribes."""
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback)
+
+    def subscribe(self, maxlen: int = 100_000) -> Subscription:
+        subscription = Subscription(self, maxlen)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def close(self) -> None:
+        for subscription in list(self._subscriptions):
+            subscription.close()
