@@ -53,6 +53,7 @@ setup(
         Extension(
             "tremus._native",
             sources=native_sources,
+            depends=sorted(str(p) for p in (Path("tremus") / "native").glob("*.h")),
             extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-fno-strict-aliasing"],
         )
     ],

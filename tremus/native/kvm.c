@@ -1,0 +1,132 @@
+/* KVM calls the micro-VM's vCPU loop needs off the GIL, and the kick that stops it.
+ *
+ * Suspending a vCPU: the controlling thread sets kvm_run.immediate_exit and sends
+ * a signal to the vCPU thread. A no-op handler installed without SA_RESTART makes
+ * a KVM_RUN in progress return EINTR; immediate_exit makes a KVM_RUN that is just
+ * about to start return EINTR at once, so the kick cannot be lost in between.
+ */
+#include "tremus_native.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stddef.h>
+#include <sys/ioctl.h>
+#include <linux/kvm.h>
+
+_Static_assert(offsetof(struct kvm_run, immediate_exit) == 1, "immediate_exit is byte 1");
+
+PyObject *tn_kvm_run(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"vcpu_fd", NULL};
+    int fd, rc, err = 0;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i:kvm_run", kwlist, &fd))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, KVM_RUN, 0);
+    if (rc < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(rc < 0 ? -err : rc);
+}
+
+PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"vm_fd", "slot", "bitmap", NULL};
+    int fd, rc, err = 0;
+    unsigned int slot;
+    Py_buffer bm;
+    struct kvm_dirty_log log;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iIO&:get_dirty_log", kwlist, &fd, &slot,
+                                     tn_conv_rw, &bm))
+        return NULL;
+    /* KVM writes ceil(slot pages / 64) u64 words; the caller sizes the bitmap
+     * from the slot it registered, we can only check it is whole words. */
+    if (bm.len == 0 || bm.len % 8 != 0) {
+        PyErr_Format(PyExc_ValueError, "bitmap must be a non-empty multiple of 8 bytes, not %zd",
+                     bm.len);
+        PyBuffer_Release(&bm);
+        return NULL;
+    }
+    memset(&log, 0, sizeof log);
+    log.slot = slot;
+    log.dirty_bitmap = bm.buf;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, KVM_GET_DIRTY_LOG, &log);
+    if (rc < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&bm);
+    if (rc < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+static void noop_handler(int signum) { (void)signum; }
+
+PyObject *tn_install_kick_handler(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"signum", NULL};
+    int signum;
+    struct sigaction sa;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i:install_kick_handler", kwlist, &signum))
+        return NULL;
+    if (signum < 1 || signum >= NSIG) {
+        PyErr_Format(PyExc_ValueError, "signal number %d out of range", signum);
+        return NULL;
+    }
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = noop_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0; /* no SA_RESTART: the interrupted KVM_RUN must return EINTR */
+    if (sigaction(signum, &sa, NULL) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+PyObject *tn_kick(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"thread_id", "run", "signum", NULL};
+    PyObject *tid_obj;
+    Py_buffer run;
+    int signum, rc;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO&i:kick", kwlist, &tid_obj, tn_conv_rw, &run,
+                                     &signum))
+        return NULL;
+    unsigned long tid = PyLong_AsUnsignedLong(tid_obj);
+    if (tid == (unsigned long)-1 && PyErr_Occurred()) {
+        PyBuffer_Release(&run);
+        return NULL;
+    }
+    if (run.len < 2) {
+        PyErr_Format(PyExc_ValueError, "run has %zd bytes, not a kvm_run mapping", run.len);
+        PyBuffer_Release(&run);
+        return NULL;
+    }
+    if (signum < 1 || signum >= NSIG) {
+        PyErr_Format(PyExc_ValueError, "signal number %d out of range", signum);
+        PyBuffer_Release(&run);
+        return NULL;
+    }
+    __atomic_store_n((unsigned char *)run.buf + 1, (unsigned char)1, __ATOMIC_SEQ_CST);
+    PyBuffer_Release(&run);
+    rc = pthread_kill((pthread_t)tid, signum);
+    if (rc != 0) {
+        errno = rc;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
+PyObject *tn_buffer_address(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"buf", NULL};
+    Py_buffer b;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&:buffer_address", kwlist, tn_conv_ro, &b))
+        return NULL;
+    PyObject *r = PyLong_FromVoidPtr(b.buf);
+    PyBuffer_Release(&b);
+    return r;
+}

@@ -1,0 +1,99 @@
+/* tremus._native: module definition and the buffer helpers every function uses. */
+#include "tremus_native.h"
+
+static int conv(PyObject *obj, Py_buffer *view, int writable) {
+    if (obj == NULL) { /* cleanup call after a later argument failed */
+        PyBuffer_Release(view);
+        return 1;
+    }
+    if (PyObject_GetBuffer(obj, view, writable ? PyBUF_WRITABLE : PyBUF_SIMPLE) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "a %scontiguous bytes-like object is required, not '%.100s'",
+                     writable ? "writable " : "", Py_TYPE(obj)->tp_name);
+        return 0;
+    }
+    if (!PyBuffer_IsContiguous(view, 'C')) {
+        PyBuffer_Release(view);
+        PyErr_Format(PyExc_TypeError, "a %scontiguous bytes-like object is required",
+                     writable ? "writable " : "");
+        return 0;
+    }
+    return Py_CLEANUP_SUPPORTED;
+}
+
+int tn_conv_ro(PyObject *obj, void *view) { return conv(obj, (Py_buffer *)view, 0); }
+int tn_conv_rw(PyObject *obj, void *view) { return conv(obj, (Py_buffer *)view, 1); }
+
+int tn_pfn_count(const Py_buffer *pfns, Py_ssize_t *n) {
+    if (pfns->len % 8 != 0) {
+        PyErr_Format(PyExc_ValueError, "pfns length %zd is not a multiple of 8", pfns->len);
+        return -1;
+    }
+    *n = pfns->len / 8;
+    return 0;
+}
+
+int tn_check_page_size(Py_ssize_t page_size) {
+    if (page_size <= 0) {
+        PyErr_Format(PyExc_ValueError, "page_size must be positive, not %zd", page_size);
+        return -1;
+    }
+    return 0;
+}
+
+Py_ssize_t tn_first_pfn_at_or_above(const unsigned char *pfns, Py_ssize_t n, uint64_t limit) {
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (tn_load_le64(pfns + 8 * i) >= limit)
+            return i;
+    return -1;
+}
+
+#define KW (PyCFunction)(void (*)(void))
+
+static PyMethodDef methods[] = {
+    {"dirty_bitmap_to_pfns", KW tn_dirty_bitmap_to_pfns, METH_VARARGS | METH_KEYWORDS,
+     "dirty_bitmap_to_pfns(bitmap, extra=None) -> bytes of ascending little-endian u64 pfns"},
+    {"gather", KW tn_gather, METH_VARARGS | METH_KEYWORDS,
+     "gather(src, pfns, dst, page_size=4096) -> bytes copied"},
+    {"scatter", KW tn_scatter, METH_VARARGS | METH_KEYWORDS,
+     "scatter(dst, pfns, src, page_size=4096) -> bytes copied"},
+    {"hash64", KW tn_py_hash64, METH_VARARGS | METH_KEYWORDS,
+     "hash64(data, seed=0) -> 64-bit non-cryptographic checksum"},
+    {"delta_encode", KW tn_delta_encode, METH_VARARGS | METH_KEYWORDS,
+     "delta_encode(pages, pfns, cache_tags, cache_data, out, page_size=4096) -> bytes written"},
+    {"delta_decode", KW tn_delta_decode, METH_VARARGS | METH_KEYWORDS,
+     "delta_decode(encoded, pfns, reference, out, page_size=4096) -> bytes consumed"},
+    {"memcpy", KW tn_memcpy, METH_VARARGS | METH_KEYWORDS,
+     "memcpy(dst, src) -> bytes copied (len(src))"},
+    {"kvm_run", KW tn_kvm_run, METH_VARARGS | METH_KEYWORDS,
+     "kvm_run(vcpu_fd) -> 0 or -errno"},
+    {"get_dirty_log", KW tn_get_dirty_log, METH_VARARGS | METH_KEYWORDS,
+     "get_dirty_log(vm_fd, slot, bitmap) -> None"},
+    {"install_kick_handler", KW tn_install_kick_handler, METH_VARARGS | METH_KEYWORDS,
+     "install_kick_handler(signum) -> None"},
+    {"kick", KW tn_kick, METH_VARARGS | METH_KEYWORDS,
+     "kick(thread_id, run, signum) -> None"},
+    {"buffer_address", KW tn_buffer_address, METH_VARARGS | METH_KEYWORDS,
+     "buffer_address(buf) -> int"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {
+    PyModuleDef_HEAD_INIT,
+    "tremus._native",
+    "Native helper of tremus: page copy, hashing, delta coding and KVM calls, GIL released.",
+    -1,
+    methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    PyObject *m = PyModule_Create(&moduledef);
+    if (m == NULL)
+        return NULL;
+    if (PyModule_AddIntConstant(m, "PAGE_SIZE", TREMUS_PAGE_SIZE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

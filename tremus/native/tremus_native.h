@@ -1,0 +1,89 @@
+/* Shared declarations of the tremus._native extension.
+ *
+ * The module is split by concern: module.c (method table, buffer helpers),
+ * memory.c (bitmap, gather, scatter, memcpy), hash.c (hash64), codec.c (page
+ * delta coding), kvm.c (KVM_RUN, dirty log, kick).
+ *
+ * Conventions, shared by every function:
+ *   - Buffers come in through the buffer protocol and must be C-contiguous;
+ *     a buffer that must be written to must be writable. A wrong kind of
+ *     object raises TypeError (the same error CPython's own recv_into/readinto
+ *     raise), a bad length or bound raises ValueError.
+ *   - Every length and bound is validated before any memory is touched.
+ *   - Every loop over memory runs with the GIL released.
+ *   - Multi-byte integers in buffers are little-endian, whatever the host.
+ */
+#ifndef TREMUS_NATIVE_H
+#define TREMUS_NATIVE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <endian.h>
+
+#define TREMUS_PAGE_SIZE 4096
+
+/* Little-endian loads and stores through memcpy: no alignment assumptions,
+ * compiled to single moves on x86-64. */
+static inline uint64_t tn_load_le64(const unsigned char *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+    return le64toh(v);
+}
+static inline uint32_t tn_load_le32(const unsigned char *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return le32toh(v);
+}
+static inline uint16_t tn_load_le16(const unsigned char *p) {
+    uint16_t v;
+    memcpy(&v, p, 2);
+    return le16toh(v);
+}
+static inline void tn_store_le64(unsigned char *p, uint64_t v) {
+    v = htole64(v);
+    memcpy(p, &v, 8);
+}
+static inline void tn_store_le16(unsigned char *p, uint16_t v) {
+    v = htole16(v);
+    memcpy(p, &v, 2);
+}
+
+/* O& converters (with Py_CLEANUP_SUPPORTED) for read-only / writable
+ * C-contiguous buffers; failures become TypeError. */
+int tn_conv_ro(PyObject *obj, void *view);
+int tn_conv_rw(PyObject *obj, void *view);
+
+/* Validates a little-endian u64 pfn array: its length must be a multiple of 8.
+ * Sets ValueError and returns -1 on failure, else stores the count in *n. */
+int tn_pfn_count(const Py_buffer *pfns, Py_ssize_t *n);
+
+/* Validates a page size (> 0). Sets ValueError and returns -1 on failure. */
+int tn_check_page_size(Py_ssize_t page_size);
+
+/* Index of the first pfn >= limit, or -1 if all are below it (GIL not needed). */
+Py_ssize_t tn_first_pfn_at_or_above(const unsigned char *pfns, Py_ssize_t n, uint64_t limit);
+
+/* memory.c */
+PyObject *tn_dirty_bitmap_to_pfns(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_gather(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_scatter(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_memcpy(PyObject *self, PyObject *args, PyObject *kw);
+
+/* hash.c */
+uint64_t tn_hash64(const unsigned char *p, size_t n, uint64_t seed);
+PyObject *tn_py_hash64(PyObject *self, PyObject *args, PyObject *kw);
+
+/* codec.c */
+PyObject *tn_delta_encode(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_delta_decode(PyObject *self, PyObject *args, PyObject *kw);
+
+/* kvm.c */
+PyObject *tn_kvm_run(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_install_kick_handler(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_kick(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_buffer_address(PyObject *self, PyObject *args, PyObject *kw);
+
+#endif
