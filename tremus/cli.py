@@ -13,7 +13,11 @@ from tremus._groups import collapse_groups
 from tremus._output import EventPrinter
 from tremus.domains.base import DomainError
 from tremus.domains.registry import create_domain
-from tremus.engine.events import Console, DomainStarted, DomainStopped, EventHub
+from tremus import transports
+from tremus.engine.backup import BackupOutcome, BackupSession
+from tremus.engine.config import ConfigError, ProtectionConfig
+from tremus.engine.events import BackupReady, Console, DomainStarted, DomainStopped, EventHub
+from tremus.engine.primary import BackupLostError, PrimarySession
 
 __all__ = ["main"]
 
@@ -42,7 +46,109 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--duration", type=_duration, metavar="S", help="stop after S seconds")
     run.add_argument("--json", action="store_true", help="one JSON object per line")
     run.set_defaults(handler=cmd_run)
+
+    backup = sub.add_parser("backup", help="receive checkpoints and fail over when the primary dies")
+    backup.add_argument("--listen", required=True, metavar="HOST:PORT",
+                        help="address to listen on (or a tcp://, unix:// URL)")
+    backup.add_argument("--heartbeat-timeout", type=float, default=1000.0, metavar="MS",
+                        help="declare the primary dead after this much silence (default 1000)")
+    backup.add_argument("--heartbeat", type=float, default=100.0, metavar="MS",
+                        help="heartbeat period (default 100)")
+    backup.add_argument("--auth-secret-file", metavar="PATH", help="shared secret for HELLO")
+    backup.add_argument("--json", action="store_true", help="one JSON object per line")
+    backup.set_defaults(handler=cmd_backup)
+
+    protect = sub.add_parser("protect", help="run a domain protected by a backup")
+    protect.add_argument("--domain", required=True, metavar="SPEC")
+    protect.add_argument("--backup", metavar="HOST:PORT", help="the backup's address (or URL)")
+    protect.add_argument("--interval", type=float, default=50.0, metavar="MS",
+                         help="checkpoint interval, from one resume to the next suspend (default 50)")
+    protect.add_argument("--no-compression", action="store_true", help="send raw pages (no delta)")
+    protect.add_argument("--blackhole", action="store_true",
+                         help="build checkpoints and drop them (benchmarking; not protection)")
+    protect.add_argument("--verify", action="store_true",
+                         help="digest every checkpoint; the backup verifies it before applying")
+    protect.add_argument("--max-inflight", type=int, default=4, metavar="N")
+    protect.add_argument("--heartbeat-timeout", type=float, default=1000.0, metavar="MS")
+    protect.add_argument("--heartbeat", type=float, default=100.0, metavar="MS")
+    protect.add_argument("--auth-secret-file", metavar="PATH", help="shared secret for HELLO")
+    protect.add_argument("--duration", type=_duration, metavar="S", help="stop after S seconds")
+    protect.add_argument("--json", action="store_true", help="one JSON object per line")
+    protect.set_defaults(handler=cmd_protect)
     return parser
+
+
+def _url(address: str) -> str:
+    return address if "://" in address else f"tcp://{address}"
+
+
+def _protection_config(args: argparse.Namespace, **extra: object) -> ProtectionConfig:
+    secret = None
+    if args.auth_secret_file:
+        with open(args.auth_secret_file, "rb") as f:
+            secret = f.read().strip()
+        if not secret:
+            raise UsageError(f"{args.auth_secret_file}: the secret is empty")
+    try:
+        return ProtectionConfig(heartbeat_ms=args.heartbeat,
+                                heartbeat_timeout_ms=args.heartbeat_timeout,
+                                auth_secret=secret, **extra)  # type: ignore[arg-type]
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+
+
+async def cmd_backup(args: argparse.Namespace) -> int:
+    config = _protection_config(args)
+    hub = EventHub()
+    hub.add_callback(EventPrinter(args.json))
+    host = socket.gethostname()
+    try:
+        listener = await transports.listen(_url(args.listen))
+    except transports.InvalidURL as exc:
+        raise UsageError(str(exc)) from None
+    async with listener:
+        hub.emit(BackupReady(listen=listener.url))
+        stream = await listener.accept()
+    session = BackupSession(stream, config=config, hub=hub,
+                            console=lambda line: hub.emit(Console(line=line, host=host)))
+    outcome = await session.run()
+    return 0 if outcome is not BackupOutcome.REFUSED else 1
+
+
+async def cmd_protect(args: argparse.Namespace) -> int:
+    if not args.blackhole and not args.backup:
+        raise UsageError("--backup HOST:PORT is required (or --blackhole)")
+    config = _protection_config(
+        args, interval_ms=args.interval, codec="raw" if args.no_compression else "delta",
+        verify=args.verify, max_inflight=args.max_inflight)
+    hub = EventHub()
+    hub.add_callback(EventPrinter(args.json))
+    host = socket.gethostname()
+    domain = create_domain(args.domain, console=lambda line: hub.emit(Console(line=line, host=host)))
+    stream = None
+    if not args.blackhole:
+        try:
+            stream = await transports.connect(_url(args.backup))
+        except transports.InvalidURL as exc:
+            raise UsageError(str(exc)) from None
+    session = PrimarySession(domain, stream, config=config, hub=hub,
+                             backup_name="blackhole" if args.blackhole else args.backup)
+    async with trio.open_nursery() as nursery:
+        hub.emit(DomainStarted(domain=args.domain, ram_bytes=domain.geometry.ram_size, host=host))
+        await nursery.start(domain.run)
+        try:
+            await nursery.start(session.run)
+        except BackupLostError as exc:
+            raise UsageError(f"cannot protect: {exc}") from None
+        if args.duration is not None:
+            await trio.sleep(args.duration)
+        else:
+            await trio.sleep_forever()
+        session.stop("duration elapsed")
+        await session.stopped.wait()
+        domain.stop()
+    hub.emit(DomainStopped(reason="duration elapsed", host=host))
+    return 0
 
 
 async def cmd_run(args: argparse.Namespace) -> int:

@@ -1,0 +1,104 @@
+"""Failover between real OS processes over TCP loopback, with SIGKILL."""
+
+from __future__ import annotations
+
+import re
+
+import trio
+
+from tests._microvm_util import needs_kvm
+from tests._procs import TremusProcess, free_port, start_tremus
+
+pytestmark = needs_kvm
+
+COUNTER = re.compile(r"^counter (\d+)$")
+HEARTBEAT_TIMEOUT_MS = 1000
+
+
+def counters(events: list[dict]) -> list[int]:
+    return [int(m.group(1)) for e in events
+            if e["event"] == "console" and (m := COUNTER.match(e["line"]))]
+
+
+def reached_at_checkpoint(primary: TremusProcess, epoch: int) -> int:
+    """A counter value the guest had certainly reached when checkpoint ``epoch`` was taken.
+
+    Console lines are delivered in order with the engine's events; every line before
+    ``checkpoint_sent`` of ``epoch - 1`` was printed before the suspend of ``epoch``.
+    """
+    value = 0
+    for event in primary.events:
+        if event["event"] == "checkpoint_sent" and event["epoch"] == epoch - 1:
+            return value
+        if event["event"] == "console" and (m := COUNTER.match(event["line"])):
+            value = int(m.group(1))
+    raise AssertionError(f"no checkpoint_sent for epoch {epoch - 1}")
+
+
+async def test_sigkill_primary_fails_over_and_the_counter_continues() -> None:
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        backup = await start_tremus(
+            nursery, "backup", "backup", "--listen", f"127.0.0.1:{port}", "--json",
+            "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_MS))
+        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+        primary = await start_tremus(
+            nursery, "primary", "protect", "--domain",
+            "microvm:workload=counter,memory=16M,interval_ms=20",
+            "--backup", f"127.0.0.1:{port}", "--interval", "50", "--json")
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 20, what="20 acks")
+        primary.kill()
+        killed_at = trio.current_time()
+        await primary.exited.wait()
+        last_acked = primary.of("checkpoint_acked")[-1]["epoch"]
+        floor = reached_at_checkpoint(primary, last_acked)
+        complete = await backup.wait_for(lambda b: b.of("failover_complete"),
+                                         what="failover_complete")
+        took = trio.current_time() - killed_at
+        assert took <= HEARTBEAT_TIMEOUT_MS / 1000 + 1, took
+        assert complete[0]["epoch"] >= last_acked
+        # The counter continues on the backup, from no lower than at the last acked checkpoint.
+        before = len(counters(backup.events))
+        await backup.wait_for(lambda b: len(counters(b.events)) >= before + 3,
+                              what="console lines after failover")
+        resumed = counters(backup.events)
+        assert resumed[0] > floor, (resumed[:3], floor)
+        assert resumed == list(range(resumed[0], resumed[0] + len(resumed)))
+        assert all(e["host"] for e in backup.of("console"))
+        backup.kill()
+
+
+async def test_sigkill_backup_primary_continues_unprotected() -> None:
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        backup = await start_tremus(nursery, "backup", "backup", "--listen",
+                                    f"127.0.0.1:{port}", "--json")
+        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+        primary = await start_tremus(
+            nursery, "primary", "protect", "--domain",
+            "microvm:workload=counter,memory=16M,interval_ms=20",
+            "--backup", f"127.0.0.1:{port}", "--interval", "50", "--json")
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 5, what="acks")
+        backup.kill()
+        await primary.wait_for(lambda p: p.of("backup_lost"), timeout=10, what="backup_lost")
+        lost_index = len(primary.events)
+        await primary.wait_for(
+            lambda p: len(counters(p.events[lost_index:])) >= 5, what="guest still running")
+        assert primary.process.returncode is None
+        assert not primary.of("failover_started")
+        primary.kill()
+
+
+async def test_backup_refuses_failover_before_a_complete_checkpoint() -> None:
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        backup = await start_tremus(nursery, "backup", "backup", "--listen",
+                                    f"127.0.0.1:{port}", "--json")
+        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        await client.aclose()  # a "primary" that dies before sending anything useful
+        refused = await backup.wait_for(lambda b: b.of("failover_refused"), what="refusal")
+        assert "nothing to fail over to" in refused[0]["reason"]
+        await backup.exited.wait()
+        assert backup.process.returncode == 1
+        assert not backup.of("failover_complete")

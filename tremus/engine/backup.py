@@ -1,0 +1,226 @@
+"""The backup: receive, stage, verify, apply, ACK; detect failure; fail over.
+
+Each checkpoint is staged (bounded memory), verified whole, applied to the replica
+RAM with the native scatter, and only then acknowledged. A checkpoint that is not
+complete and verified never touches the replica. When the primary fails — stream
+error, EOF without END, a protocol error, or no byte within the heartbeat timeout —
+the backup rebuilds the domain from the last applied checkpoint (through the domain
+registry: the engine knows no concrete domain) and runs it. Before the first
+complete checkpoint there is nothing to fail over to: it says so and starts nothing.
+END means a graceful stop: the replica is discarded, no failover.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import time
+from typing import Any, final
+
+import trio
+
+from tremus._groups import collapse_groups
+from tremus.accel import impl
+from tremus.domains.base import ConsoleSink, Domain, DomainError
+from tremus.domains.registry import get_driver, restore_domain
+from tremus.engine import protocol as p
+from tremus.engine.config import ProtectionConfig
+from tremus.engine.events import (
+    CheckpointApplied, EventHub, FailoverComplete, FailoverRefused, FailoverStarted,
+    PrimaryConnected,
+)
+
+__all__ = ["BackupOutcome", "BackupSession", "PrimaryFailed"]
+
+
+class PrimaryFailed(Exception):
+    """The primary is gone (or broke the protocol); the message says how."""
+
+
+@final
+class BackupOutcome(enum.Enum):
+    ENDED = "ended"  # the primary stopped protection gracefully
+    FAILED_OVER = "failed_over"  # the domain now runs here
+    REFUSED = "refused"  # the primary failed before a complete checkpoint
+
+
+@final
+class BackupSession:
+    """Serves one primary over ``stream``.
+
+    Args:
+        stream: the accepted checkpoint stream.
+        config: heartbeat period and timeout, auth secret.
+        hub: where events go.
+        console: the failed-over guest's console lines (with the host name).
+        peer: how the primary is named in events.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        config: ProtectionConfig | None = None,
+        hub: EventHub | None = None,
+        console: ConsoleSink | None = None,
+        peer: str = "primary",
+    ) -> None:
+        self.config = config or ProtectionConfig()
+        self.events = hub or EventHub()
+        self._stream = stream
+        self._console = console
+        self._peer = peer
+        self._conn = p.BackupConnection(secret=self.config.auth_secret)
+        self._send_lock = trio.Lock()
+        self._hello: p.Hello | None = None
+        self._replica: bytearray | None = None
+        self._stager: p.CheckpointStager | None = None
+        self._state: bytes | None = None
+        self.applied_epoch: int | None = None
+        self._last_heard = trio.current_time()
+        self._heartbeat_seq = 0
+        self.host = socket.gethostname()
+        #: The domain running here after a failover.
+        self.domain: Domain | None = None
+
+    @property
+    def replica(self) -> memoryview | None:
+        return None if self._replica is None else memoryview(self._replica)
+
+    async def run(self, *, task_status: trio.TaskStatus[BackupOutcome] = trio.TASK_STATUS_IGNORED
+                  ) -> BackupOutcome:
+        """Receive checkpoints until the primary ends or fails.
+
+        After a failover the restored domain runs inside this call until it stops
+        or the call is cancelled; ``task_status.started`` reports the outcome as soon
+        as it is known (so a caller can ``await nursery.start(session.run)``).
+        """
+        try:
+            reason = await self._serve()
+        except PrimaryFailed as exc:
+            reason = str(exc)
+        else:
+            if reason is None:
+                task_status.started(BackupOutcome.ENDED)
+                return BackupOutcome.ENDED
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
+        if self._state is None or self._replica is None or self._hello is None:
+            self.events.emit(FailoverRefused(
+                reason=f"{reason}; no complete checkpoint was received, nothing to fail over to"))
+            task_status.started(BackupOutcome.REFUSED)
+            return BackupOutcome.REFUSED
+        await self._failover(reason, task_status)
+        return BackupOutcome.FAILED_OVER
+
+    # -- receiving ------------------------------------------------------------------
+    async def _serve(self) -> str | None:
+        """Returns None after END; raises PrimaryFailed on failure."""
+        with collapse_groups():
+            async with trio.open_nursery() as nursery:
+                result = await self._handshake()
+                if result is not None:
+                    return result
+                nursery.start_soon(self._heartbeat_loop)
+                try:
+                    return await self._receive_loop()
+                finally:
+                    nursery.cancel_scope.cancel()
+
+    async def _handshake(self) -> str | None:
+        event = await self._next_event(self.config.heartbeat_timeout_ms / 1000 * 5)
+        if not isinstance(event, p.Hello):
+            raise PrimaryFailed(f"expected HELLO, got {type(event).__name__}")
+        try:
+            get_driver(event.driver)
+        except DomainError as exc:
+            await self._send(p.End(f"cannot rebuild this domain here: {exc}"))
+            raise PrimaryFailed(f"refused the primary: {exc}") from None
+        self._hello = event
+        self._replica = bytearray(event.ram_size)
+        self._stager = p.CheckpointStager(self._replica, page_size=event.page_size)
+        features = tuple(f for f in event.features if f in p.SUPPORTED_FEATURES)
+        await self._send(p.Welcome(features=features))
+        self.events.emit(PrimaryConnected(peer=self._peer, domain=event.driver,
+                                          ram_bytes=event.ram_size))
+        return None
+
+    async def _receive_loop(self) -> str | None:
+        assert self._stager is not None and self._replica is not None
+        while True:
+            event = await self._next_event(self.config.heartbeat_timeout_ms / 1000)
+            if isinstance(event, p.CheckpointBegin | p.Pages | p.State | p.CheckpointEnd):
+                try:
+                    done = self._stager.feed(event)
+                except p.ProtocolError as exc:
+                    raise PrimaryFailed(f"bad checkpoint: {exc}") from exc
+                if done is not None:
+                    await self._apply(done)
+            elif isinstance(event, p.End):
+                self._stager.abort()
+                self._state = None
+                return None
+            elif isinstance(event, p.ConnectionClosed):
+                raise PrimaryFailed("the primary closed the connection without END")
+
+    async def _apply(self, checkpoint: p.CompleteCheckpoint) -> None:
+        assert self._replica is not None and self._hello is not None
+        started = time.perf_counter()
+        impl.scatter(self._replica, checkpoint.pfns, checkpoint.data, self._hello.page_size)
+        self._state = checkpoint.state
+        self.applied_epoch = checkpoint.epoch
+        apply_us = (time.perf_counter() - started) * 1e6
+        await self._send(p.Ack(checkpoint.epoch))
+        self.events.emit(CheckpointApplied(epoch=checkpoint.epoch, pages=checkpoint.pages,
+                                           bytes_received=len(checkpoint.data),
+                                           apply_us=round(apply_us, 1)))
+
+    async def _next_event(self, timeout: float) -> Any:
+        while True:
+            try:
+                event = self._conn.next_event()
+            except p.ProtocolError as exc:
+                raise PrimaryFailed(f"protocol error from the primary: {exc}") from exc
+            if event is not p.NEED_DATA:
+                return event
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    data = await self._stream.receive_some(1 << 20)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise PrimaryFailed(f"connection to the primary failed: {exc}") from exc
+            if scope.cancelled_caught:
+                raise PrimaryFailed(
+                    f"no word from the primary for {timeout * 1000:g} ms"
+                )
+            self._last_heard = trio.current_time()
+            self._conn.receive_data(data)
+
+    async def _send(self, event: p.Event) -> None:
+        async with self._send_lock:
+            try:
+                await self._stream.send_all(self._conn.send(event))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise PrimaryFailed(f"sending to the primary failed: {exc}") from exc
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.heartbeat_ms / 1000)
+            self._heartbeat_seq += 1
+            await self._send(p.Heartbeat(self._heartbeat_seq, time.time()))
+
+    # -- failover -------------------------------------------------------------------
+    async def _failover(self, reason: str,
+                        task_status: trio.TaskStatus[BackupOutcome]) -> None:
+        assert self._hello is not None and self._replica is not None and self._state is not None
+        epoch = self.applied_epoch if self.applied_epoch is not None else -1
+        self.events.emit(FailoverStarted(epoch=epoch, reason=reason))
+        domain = restore_domain(self._hello.driver, self._hello.config,
+                                memoryview(self._replica), self._state, console=self._console)
+        self.domain = domain
+        async with trio.open_nursery() as nursery:
+            await nursery.start(domain.run)
+            downtime_ms = (trio.current_time() - self._last_heard) * 1000
+            self.events.emit(FailoverComplete(epoch=epoch, downtime_ms=round(downtime_ms, 1),
+                                              host=self.host))
+            task_status.started(BackupOutcome.FAILED_OVER)

@@ -1,0 +1,70 @@
+"""ProtectionConfig: how a domain is protected (and its TOML form)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ConfigError", "ProtectionConfig"]
+
+
+class ConfigError(ValueError):
+    """An invalid protection setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProtectionConfig:
+    """Settings of one protection session; the defaults are sane for a LAN.
+
+    Attributes:
+        interval_ms: time from one resume to the next suspend.
+        codec: ``"delta"`` (page delta against recently sent pages) or ``"raw"``.
+        max_inflight: checkpoints sent but not yet acknowledged (devices may lower it).
+        heartbeat_ms: how often each side sends a heartbeat when otherwise silent.
+        heartbeat_timeout_ms: silence after which the peer is declared lost.
+        verify: send a digest of the whole RAM with every checkpoint; the backup
+            checks its replica against it after applying.
+        delta_cache_pages: slots of the primary's page cache for delta coding.
+        auth_secret: shared secret authenticating HELLO (None: no authentication).
+    """
+
+    interval_ms: float = 50.0
+    codec: str = "delta"
+    max_inflight: int = 4
+    heartbeat_ms: float = 100.0
+    heartbeat_timeout_ms: float = 1000.0
+    verify: bool = False
+    delta_cache_pages: int = 8192
+    auth_secret: bytes | None = None
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.interval_ms <= 3_600_000:
+            raise ConfigError(f"interval {self.interval_ms} ms must be within 1..3600000")
+        if self.codec not in ("delta", "raw"):
+            raise ConfigError(f"codec {self.codec!r} must be 'delta' or 'raw'")
+        if self.max_inflight < 1:
+            raise ConfigError("max_inflight must be at least 1")
+        if self.heartbeat_ms <= 0 or self.heartbeat_timeout_ms <= self.heartbeat_ms:
+            raise ConfigError(
+                f"heartbeat timeout ({self.heartbeat_timeout_ms} ms) must exceed the "
+                f"heartbeat period ({self.heartbeat_ms} ms)"
+            )
+        if self.delta_cache_pages < 1:
+            raise ConfigError("delta_cache_pages must be at least 1")
+
+    @classmethod
+    def from_toml(cls, path: str | Path, **overrides: Any) -> ProtectionConfig:
+        """Load ``[protection]`` from a TOML file; keyword overrides win."""
+        with open(path, "rb") as f:
+            data = tomllib.load(f).get("protection", {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"{path}: unknown protection setting(s): {', '.join(unknown)}")
+        if isinstance(data.get("auth_secret"), str):
+            data["auth_secret"] = data["auth_secret"].encode()
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)

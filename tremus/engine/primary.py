@@ -1,0 +1,372 @@
+"""The primary's epoch loop: suspend, copy, resume, send, and commit on ACK.
+
+Per epoch N (DESIGN.md, "The epoch, precisely"):
+
+1. wait for the interval, measured from the previous resume;
+2. suspend the domain; ``postsuspend(N)`` on every device (close epoch N's output);
+3. read and clear the dirty log; gather those pages into the staging buffer
+   (native, GIL released); save the vCPU and device state;
+4. ``preresume(N)``; resume — the pause is steps 2..4, with nothing remote in it;
+5. send checkpoint N from the staging buffer while the guest runs epoch N+1;
+6. on ``ACK N``: ``commit(N)`` on every device (release epoch N's output).
+
+At most ``max_inflight`` checkpoints are unacknowledged (a device such as the plug
+qdisc can lower it to 1). When the backup is lost — stream error, EOF, END, or
+silence past the heartbeat timeout — all held output is released, ``BackupLost`` is
+emitted and the guest keeps running, unprotected. The guest is never left suspended
+because of the backup: nothing in the pause waits on the network.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import final
+
+import trio
+
+from tremus._groups import collapse_groups
+from tremus.accel import impl
+from tremus.domains.base import Domain
+from tremus.engine import protocol as p
+from tremus.engine.config import ProtectionConfig
+from tremus.engine.devices import CheckpointDevice, DeviceError, DeviceRunner
+from tremus.engine.events import (
+    BackupLost, CheckpointAcked, CheckpointSent, DeviceFailed, EventHub, OutputReleased,
+    ProtectionStarted, ProtectionStopped,
+)
+from tremus.transports.codec import DeltaCodec, RawCodec, split_batches
+
+__all__ = ["BackupLostError", "PrimarySession"]
+
+_COALESCE = 64 * 1024
+
+
+class BackupLostError(Exception):
+    """The backup is gone; the message says why."""
+
+
+@dataclass(slots=True)
+class _Inflight:
+    epoch: int
+    dirty_pages: int
+    pause_us: float
+    kick_us: float
+    bytes_sent: int
+    raw_bytes: int
+    sent_at: float
+
+
+@final
+class PrimarySession:
+    """Protects one running domain by checkpointing it over ``stream``.
+
+    Args:
+        domain: a running domain (its ``run`` is the caller's task).
+        stream: the checkpoint stream to the backup; ``None`` means blackhole —
+            checkpoints are built and dropped and count as acknowledged at once
+            (``xl remus -b``: for benchmarks, never for protection).
+        config: interval, codec, heartbeats, ...
+        devices: checkpoint devices (output buffers) driven at every epoch.
+        hub: where events go (a new hub if not given).
+        backup_name: how the backup is named in events.
+    """
+
+    def __init__(
+        self,
+        domain: Domain,
+        stream: trio.abc.Stream | None,
+        *,
+        config: ProtectionConfig | None = None,
+        devices: Sequence[CheckpointDevice] = (),
+        hub: EventHub | None = None,
+        backup_name: str = "",
+    ) -> None:
+        self.domain = domain
+        self.config = config or ProtectionConfig()
+        self.events = hub or EventHub()
+        self._stream = stream
+        self._devices = DeviceRunner(devices)
+        self._backup_name = backup_name or ("blackhole" if stream is None else "backup")
+        self._conn = p.PrimaryConnection(secret=self.config.auth_secret)
+        geometry = domain.geometry
+        self._page_size = geometry.page_size
+        self._staging = bytearray(geometry.ram_size)
+        self._all_pfns = array("Q", range(geometry.pages)).tobytes()
+        self._codec: DeltaCodec | RawCodec = RawCodec(self._page_size)
+        self._send_lock = trio.Lock()
+        self._inflight: dict[int, _Inflight] = {}
+        self._inflight_changed = trio.Event()
+        self._last_sent = 0.0
+        self._heartbeat_seq = 0
+        self._stop = trio.Event()
+        #: Set once ``run`` has finished (END sent, devices torn down).
+        self.stopped = trio.Event()
+        self._stop_reason = "stopped"
+        self._lost: str | None = None
+        self.epochs_acked = 0
+        self.last_acked_epoch = -1
+        self.protected = False
+
+    # -- public ---------------------------------------------------------------------
+    def stop(self, reason: str = "stopped by request") -> None:
+        """End protection gracefully: the backup is told (END) and does not fail over."""
+        self._stop_reason = reason
+        self._stop.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Protect until ``stop()``; reports started once the backup has accepted.
+
+        If the backup is lost the domain keeps running unprotected and ``run`` keeps
+        going (held output released) until ``stop()``.
+        """
+        started = False
+        try:
+            await self._devices.setup()
+            try:
+                await self._handshake()
+                self.protected = True
+                self.events.emit(ProtectionStarted(
+                    domain=self.domain.driver, backup=self._backup_name,
+                    interval_ms=self.config.interval_ms, codec=self._codec.name,
+                    devices=tuple(d.name for d in self._devices.devices),
+                ))
+                task_status.started()
+                started = True
+                with collapse_groups():
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._protect, nursery.cancel_scope)
+                        await self._stop.wait()
+                        nursery.cancel_scope.cancel()
+            except BackupLostError as exc:
+                if not started:
+                    raise
+                await self._backup_lost(str(exc))
+            if self._lost is not None:
+                await self._stop.wait()
+            else:
+                await self._say_end(self._stop_reason)
+        finally:
+            with trio.CancelScope(shield=True):
+                if self._stream is not None:
+                    await self._stream.aclose()
+                await self._devices.teardown()
+            self.protected = False
+            self.stopped.set()
+            self.events.emit(ProtectionStopped(reason=self._lost or self._stop_reason,
+                                               epochs_acked=self.epochs_acked))
+
+    # -- handshake ------------------------------------------------------------------
+    async def _handshake(self) -> None:
+        geometry = self.domain.geometry
+        features = ("delta",) if self.config.codec == "delta" else ()
+        hello = p.Hello(driver=self.domain.driver, ram_size=geometry.ram_size,
+                        page_size=geometry.page_size, config=dict(self.domain.config),
+                        features=features)
+        if self._stream is None:
+            self._codec = self._make_codec(set(features))
+            return
+        await self._send_parts(self._conn.send_parts(hello))
+        with trio.move_on_after(self.config.heartbeat_timeout_ms / 1000 * 5) as scope:
+            event = await self._next_event()
+        if scope.cancelled_caught:
+            raise BackupLostError("the backup did not answer HELLO")
+        if isinstance(event, p.End):
+            raise BackupLostError(f"the backup refused protection: {event.reason}")
+        if not isinstance(event, p.Welcome):
+            raise BackupLostError(f"the backup answered HELLO with {type(event).__name__}")
+        self._codec = self._make_codec(set(event.features))
+
+    def _make_codec(self, features: set[str]) -> DeltaCodec | RawCodec:
+        if "delta" in features:
+            return DeltaCodec(self.config.delta_cache_pages, self._page_size)
+        return RawCodec(self._page_size)
+
+    # -- the protected phase --------------------------------------------------------
+    async def _protect(self, scope: trio.CancelScope) -> None:
+        try:
+            with collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    if self._stream is not None:
+                        nursery.start_soon(self._receive_loop)
+                        nursery.start_soon(self._heartbeat_loop)
+                    await self._epoch_loop()
+        except BackupLostError as exc:
+            await self._backup_lost(str(exc))
+        except DeviceError as exc:
+            self.events.emit(DeviceFailed(device=exc.device, op=exc.op, message=str(exc.cause)))
+            await self._backup_lost(f"protection stopped: {exc}")
+            with trio.CancelScope(shield=True):
+                await self._say_end(f"primary device failure: {exc}")
+
+    async def _epoch_loop(self) -> None:
+        interval = self.config.interval_ms / 1000
+        max_inflight = min(self.config.max_inflight, self._devices.max_inflight)
+        epoch = 0
+        resumed_at = trio.current_time()
+        while True:
+            await trio.sleep_until(resumed_at + interval)
+            while len(self._inflight) >= max_inflight:
+                self._inflight_changed = trio.Event()
+                await self._inflight_changed.wait()
+            pfns, state, pause_us, kick_us = await self._capture(epoch, full=epoch == 0)
+            resumed_at = trio.current_time()
+            await self._send_checkpoint(epoch, epoch == 0, pfns, state, pause_us, kick_us)
+            if self._stream is None:
+                await self._on_ack(epoch)
+            epoch += 1
+
+    async def _capture(self, epoch: int, *, full: bool) -> tuple[memoryview, bytes, float, float]:
+        """Steps 2-4: the pause. Shielded: the guest is always resumed."""
+        domain = self.domain
+        with trio.CancelScope(shield=True):
+            await domain.suspend()
+            stopped = time.perf_counter()
+            try:
+                await self._devices.postsuspend(epoch)
+                dirty = domain.read_and_clear_dirty()
+                pfns = memoryview(self._all_pfns) if full else dirty.cast("B")
+                impl.gather(domain.ram, pfns, self._staging, self._page_size)
+                state = domain.save_state()
+                await self._devices.preresume(epoch)
+            finally:
+                await domain.resume()
+                pause_us = (time.perf_counter() - stopped) * 1e6
+        kick_us = getattr(domain, "kick_latency_ns", 0) / 1000
+        return pfns, state, pause_us, kick_us
+
+    async def _send_checkpoint(self, epoch: int, full: bool, pfns: memoryview, state: bytes,
+                               pause_us: float, kick_us: float) -> None:
+        count = len(pfns) // 8
+        pages = memoryview(self._staging)[: count * self._page_size]
+        conn = self._conn
+        parts: list[p.BytesLike] = list(conn.send_parts(p.CheckpointBegin(epoch, full)))
+        coded = 0
+        for batch_pfns, batch_pages in split_batches(pfns, pages, self._page_size):
+            data = self._codec.encode(batch_pages, batch_pfns)
+            coded += len(data)
+            parts += conn.send_parts(p.Pages(epoch, batch_pfns, data, self._codec.name))
+        parts += conn.send_parts(p.State(epoch, state))
+        digest = p.checkpoint_digest(pfns, pages, state) if self.config.verify else None
+        parts += conn.send_parts(p.CheckpointEnd(epoch, count, coded, digest))
+        sent = sum(len(part) for part in parts)
+        self._inflight[epoch] = _Inflight(epoch, count, pause_us, kick_us, sent,
+                                          count * self._page_size, trio.current_time())
+        await self._send_parts(parts)
+        self.events.emit(CheckpointSent(epoch=epoch, dirty_pages=count, bytes_sent=sent,
+                                        pause_us=round(pause_us, 1)))
+
+    async def _on_ack(self, epoch: int) -> None:
+        record = self._inflight.pop(epoch, None)
+        if record is None:
+            raise BackupLostError(f"ACK for epoch {epoch}, which is not in flight")
+        released = await self._devices.commit(epoch)
+        if self._devices.devices:
+            self.events.emit(OutputReleased(epoch=epoch, packets=released))
+        self.epochs_acked += 1
+        self.last_acked_epoch = epoch
+        self._inflight_changed.set()
+        self.events.emit(CheckpointAcked(
+            epoch=epoch, dirty_pages=record.dirty_pages, pause_us=round(record.pause_us, 1),
+            kick_us=round(record.kick_us, 1), bytes_sent=record.bytes_sent,
+            raw_bytes=record.raw_bytes,
+            round_trip_ms=round((trio.current_time() - record.sent_at) * 1000, 2),
+        ))
+
+    # -- the backup's side of the stream --------------------------------------------
+    async def _receive_loop(self) -> None:
+        while True:
+            event = await self._next_event(self.config.heartbeat_timeout_ms / 1000)
+            if isinstance(event, p.Ack):
+                await self._on_ack(event.epoch)
+            elif isinstance(event, p.End):
+                raise BackupLostError(f"the backup ended protection: {event.reason}")
+            elif isinstance(event, p.ConnectionClosed):
+                raise BackupLostError("the backup closed the connection")
+
+    async def _next_event(self, timeout: float = math.inf) -> p.Event:
+        assert self._stream is not None
+        while True:
+            try:
+                event = self._conn.next_event()
+            except p.ProtocolError as exc:
+                raise BackupLostError(f"protocol error from the backup: {exc}") from exc
+            if event is not p.NEED_DATA:
+                return event
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    data = await self._stream.receive_some(1 << 16)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise BackupLostError(f"connection to the backup failed: {exc}") from exc
+            if scope.cancelled_caught:
+                raise BackupLostError(
+                    f"no word from the backup for {self.config.heartbeat_timeout_ms:g} ms"
+                )
+            self._conn.receive_data(data)
+
+    async def _heartbeat_loop(self) -> None:
+        period = self.config.heartbeat_ms / 1000
+        while True:
+            await trio.sleep(period)
+            if trio.current_time() - self._last_sent >= period and not self._send_lock.locked():
+                self._heartbeat_seq += 1
+                await self._send_parts(self._conn.send_parts(
+                    p.Heartbeat(self._heartbeat_seq, time.time())))
+
+    async def _send_parts(self, parts: Sequence[p.BytesLike]) -> int:
+        """Send frame pieces in order, small ones coalesced; returns bytes sent."""
+        if self._stream is None:
+            return sum(len(part) for part in parts)
+        total = 0
+        async with self._send_lock:
+            pending: list[p.BytesLike] = []
+            pending_len = 0
+            try:
+                for part in list(parts) + [b""]:
+                    if len(part) < _COALESCE and part:
+                        pending.append(part)
+                        pending_len += len(part)
+                        if pending_len < _COALESCE:
+                            continue
+                        part = b""
+                    if pending:
+                        await self._stream.send_all(b"".join(pending))
+                        total += pending_len
+                        pending, pending_len = [], 0
+                    if part:
+                        await self._stream.send_all(part)
+                        total += len(part)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                raise BackupLostError(f"sending to the backup failed: {exc}") from exc
+            self._last_sent = trio.current_time()
+        return total
+
+    async def _say_end(self, reason: str) -> None:
+        if self._stream is None or self._lost is not None:
+            return
+        with trio.move_on_after(self.config.heartbeat_timeout_ms / 1000):
+            try:
+                await self._send_parts(self._conn.send_parts(p.End(reason)))
+            except (BackupLostError, p.ProtocolError):
+                pass
+
+    async def _backup_lost(self, reason: str) -> None:
+        if self._lost is not None:
+            return
+        self._lost = reason
+        self.protected = False
+        with trio.CancelScope(shield=True):
+            try:
+                await self._devices.release_all()
+            except DeviceError as exc:
+                self.events.emit(DeviceFailed(device=exc.device, op=exc.op, message=str(exc.cause)))
+        self._inflight.clear()
+        self.events.emit(BackupLost(reason=reason, last_acked_epoch=self.last_acked_epoch))
+
+
+def host_name() -> str:
+    return socket.gethostname()

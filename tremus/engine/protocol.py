@@ -1,0 +1,1375 @@
+"""The tremus wire protocol, sans-IO: frames <-> events, and the rules both roles follow.
+
+This docstring is the protocol's specification.
+
+Roles and flow
+--------------
+A *primary* protects a running VM by streaming checkpoints to a *backup*. The primary
+connects and speaks first; every checkpoint it sends is acknowledged by the backup
+once the backup has verified and applied it::
+
+    primary                                  backup
+    HELLO ------------------------------------->
+    <---------------------------------- WELCOME   (or END: refused)
+    CHECKPOINT_BEGIN(e, full) ----------------->
+    PAGES(e)* --------------------------------->
+    STATE(e) ---------------------------------->
+    CHECKPOINT_END(e, totals, digest) --------->
+    <-------------------------------------- ACK(e)
+    ... the next checkpoint is e + 1 (several may be in flight) ...
+    HEARTBEAT <--------------------------------> HEARTBEAT   (any time after the handshake)
+    END(reason) <------------------------------> END(reason) (graceful stop)
+
+Framing (protocol version 1; all integers little-endian)
+--------------------------------------------------------
+Each frame is a 16-byte prefix, a header, and a payload::
+
+    u32 header_len     1 .. 65536
+    u32 payload_len    0 .. max_payload (64 MiB unless configured)
+    u64 header_check   hash64(header, seed=header_len | payload_len << 32)
+    header             header_len bytes: a msgpack map with str keys, "type" first
+    payload            payload_len raw bytes (page data is never re-encoded by msgpack)
+
+``hash64`` is ``tremus.accel.impl.hash64``. The header check covers the lengths and
+every header field, and each payload is covered by a checksum in its header, so a
+single corrupt byte anywhere is an error, never a silently different checkpoint.
+Both caps are checked on the prefix, before any of the header or payload is buffered.
+The prefix format and the ``type`` and ``version`` fields of HELLO and WELCOME never
+change, so that a version mismatch is always reported as one.
+
+Frames (header fields; ``u64`` is an int in [0, 2**64); unknown or missing fields
+are errors)
+----------------------------------------------------------------------------------
+``HELLO`` (primary, first frame): ``version`` u64, ``role`` "primary", ``auth`` bin|nil,
+``driver`` str (the domain driver that rebuilds the VM), ``config`` map (the driver's
+configuration), ``ram_size`` u64 (a multiple of ``page_size``), ``page_size`` (a power
+of two in 512..65536), ``features`` [str] (what the primary would like to use).
+
+``WELCOME`` (backup, first frame): ``version``, ``features`` (a subset of HELLO's:
+what will be used; today only ``"delta"`` exists), ``auth`` bin|nil. A backup that
+refuses the HELLO sends END instead.
+
+``CHECKPOINT_BEGIN``: ``epoch`` u64, ``full`` bool. The first checkpoint must be full,
+later epochs go up by exactly one. A full checkpoint carries every page of RAM.
+
+``PAGES``: ``epoch``, ``count`` (1..1024 pages), ``codec`` "raw"|"delta",
+``checksum`` = hash64(data, seed=hash64(pfns)). Payload: ``count`` u64 pfns, then the
+page data: ``count * page_size`` bytes for raw; the ``delta_encode`` format of
+``tremus/_native.pyi`` for delta (``count .. count * (page_size + 1)`` bytes, decoded
+against the backup's replica; only when negotiated). Across one checkpoint the pfns
+are strictly ascending (so unique) and below ``ram_size / page_size``.
+
+``STATE``: ``epoch``, ``checksum`` = hash64(state). Payload: the vCPU and device state.
+Exactly one per checkpoint, after its pages.
+
+``CHECKPOINT_END``: ``epoch``, ``pages`` and ``bytes`` (number of pages and of page
+data bytes as sent, summed over the checkpoint's PAGES frames: must match), ``digest``
+u64|nil = ``checkpoint_digest(pfns, decoded pages, state)`` over the whole checkpoint
+in order, verified by the backup's stager after decoding.
+
+``ACK`` (backup): ``epoch``: checkpoint ``epoch`` is verified and applied. One per
+completed checkpoint, in order, never for a checkpoint that has not ended.
+
+``HEARTBEAT`` (both): ``seq`` u64, strictly increasing per direction; ``time`` float
+(the sender's clock, informational).
+
+``END`` (both): ``reason`` str. Graceful stop: after it the sender sends nothing more;
+a backup that receives it discards its replica and does not fail over. An END in the
+middle of a checkpoint abandons that checkpoint.
+
+Authentication
+--------------
+With a shared secret, ``HELLO.auth = HMAC-SHA256(secret, b"tremus-hello\\0" +
+msgpack([version, role, driver, config, ram_size, page_size, features]))`` (maps with
+sorted keys) and ``WELCOME.auth = HMAC-SHA256(secret, b"tremus-welcome\\0" +
+HELLO.auth + msgpack([version, features]))``. Each side that holds a secret rejects a
+peer that does not prove it ("authentication failed"), before accepting anything else.
+This proves the peer knew the secret; it neither prevents replays nor protects the
+frames after the handshake: use TLS or a private link on a hostile network.
+
+Using it
+--------
+``PrimaryConnection`` and ``BackupConnection`` have the shape of h11: feed received
+bytes with ``receive_data`` (``b""`` at EOF), take events with ``next_event`` until it
+returns ``NEED_DATA``, and turn events into bytes with ``send`` (or ``send_parts``,
+which avoids copying page data). Both directions are checked: a bad frame from the peer
+raises ``RemoteProtocolError``, a bad event handed to ``send`` ``LocalProtocolError``;
+either leaves the connection in ``ConnectionState.ERROR`` for good. The backup feeds
+checkpoint events to a ``CheckpointStager``, which hands back a verified
+``CompleteCheckpoint`` and never writes the replica.
+"""
+
+from __future__ import annotations
+
+import enum
+import hmac
+import math
+import operator
+import struct
+import sys
+from array import array
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from hashlib import sha256
+from typing import Any, Final, TypeAlias, final
+
+import msgpack
+
+from tremus.accel import impl
+from tremus.transports.codec import CODECS, DELTA, MAX_BATCH_PAGES, RAW, decode_into, encoded_size
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "SUPPORTED_FEATURES",
+    "PREFIX",
+    "MAX_HEADER",
+    "DEFAULT_MAX_PAYLOAD",
+    "DEFAULT_MAX_STATE",
+    "DEFAULT_MAX_RAM_SIZE",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "LocalProtocolError",
+    "NEED_DATA",
+    "NeedData",
+    "ConnectionState",
+    "Hello",
+    "Welcome",
+    "CheckpointBegin",
+    "Pages",
+    "State",
+    "CheckpointEnd",
+    "Ack",
+    "Heartbeat",
+    "End",
+    "ConnectionClosed",
+    "Event",
+    "CheckpointEvent",
+    "PrimaryConnection",
+    "BackupConnection",
+    "CheckpointStager",
+    "CompleteCheckpoint",
+    "checkpoint_digest",
+    "encode_frame",
+    "hello_auth",
+    "welcome_auth",
+]
+
+PROTOCOL_VERSION: Final = 1
+#: Features this implementation can use; WELCOME answers with a subset of HELLO's.
+SUPPORTED_FEATURES: Final = frozenset({DELTA})
+#: header_len, payload_len, header_check.
+PREFIX: Final = struct.Struct("<IIQ")
+MAX_HEADER: Final = 64 * 1024
+DEFAULT_MAX_PAYLOAD: Final = 64 * 1024 * 1024
+DEFAULT_MAX_STATE: Final = 16 * 1024 * 1024
+DEFAULT_MAX_RAM_SIZE: Final = 1 << 40
+_U64_LIMIT: Final = 1 << 64
+
+BytesLike: TypeAlias = bytes | bytearray | memoryview
+
+
+class ProtocolError(Exception):
+    """A frame or event broke the protocol; the message says which and how."""
+
+
+@final
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something invalid (or the stream is corrupt)."""
+
+
+@final
+class LocalProtocolError(ProtocolError):
+    """We were asked to send something invalid: a bug on this side."""
+
+
+class NeedData(enum.Enum):
+    """Type of the ``NEED_DATA`` sentinel (an enum so that ``is`` narrows types)."""
+
+    NEED_DATA = "NEED_DATA"
+
+
+#: Returned by ``next_event`` when the buffered bytes do not hold a whole frame yet.
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+@final
+class ConnectionState(enum.Enum):
+    HANDSHAKE = "HANDSHAKE"  # HELLO/WELCOME not yet exchanged
+    OPEN = "OPEN"
+    CLOSED = "CLOSED"  # END sent or received, or EOF seen
+    ERROR = "ERROR"  # a ProtocolError happened; nothing more can be sent or received
+
+
+# -- events ---------------------------------------------------------------------------
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello:
+    """The primary's opening frame: who it is and what the backup must rebuild."""
+
+    driver: str
+    ram_size: int
+    page_size: int = 4096
+    config: Mapping[str, Any] = field(default_factory=dict)
+    features: tuple[str, ...] = ()
+    version: int = PROTOCOL_VERSION
+    role: str = "primary"
+    #: Filled in by ``PrimaryConnection.send`` when the connection has a secret.
+    auth: bytes | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Welcome:
+    """The backup's answer to HELLO: accepted, with these features."""
+
+    features: tuple[str, ...] = ()
+    version: int = PROTOCOL_VERSION
+    #: Filled in by ``BackupConnection.send`` when the connection has a secret.
+    auth: bytes | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CheckpointBegin:
+    epoch: int
+    #: Carries every page of RAM (the first checkpoint must).
+    full: bool = False
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Pages:
+    """One batch of a checkpoint's pages (at most ``MAX_BATCH_PAGES``).
+
+    Received events hold read-only memoryviews into one bytes object per frame.
+    """
+
+    epoch: int
+    #: Little-endian u64 page frame numbers.
+    pfns: BytesLike
+    #: Page data as coded by ``codec``.
+    data: BytesLike
+    codec: str = RAW
+    #: ``hash64(data, seed=hash64(pfns))``; ``None`` on send means "compute it".
+    checksum: int | None = field(default=None, compare=False)
+
+    @property
+    def count(self) -> int:
+        return len(self.pfns) // 8
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class State:
+    epoch: int
+    state: BytesLike
+    #: ``hash64(state)``; ``None`` on send means "compute it".
+    checksum: int | None = field(default=None, compare=False)
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CheckpointEnd:
+    epoch: int
+    #: Pages in the checkpoint.
+    pages: int
+    #: Page data bytes as sent (after coding), summed over its PAGES frames.
+    bytes: int
+    #: ``checkpoint_digest`` of the whole checkpoint, or ``None`` (not checked).
+    digest: int | None = None
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Ack:
+    epoch: int
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    seq: int
+    time: float
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class End:
+    reason: str
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    """Not a frame: the peer closed the stream (EOF) at a frame boundary.
+
+    ``clean`` is whether it sent END first; a backup fails over only when it is not.
+    """
+
+    clean: bool
+
+
+Event: TypeAlias = (
+    Hello
+    | Welcome
+    | CheckpointBegin
+    | Pages
+    | State
+    | CheckpointEnd
+    | Ack
+    | Heartbeat
+    | End
+    | ConnectionClosed
+)
+CheckpointEvent: TypeAlias = CheckpointBegin | Pages | State | CheckpointEnd
+
+_KIND_OF: Final[dict[type, str]] = {
+    Hello: "HELLO",
+    Welcome: "WELCOME",
+    CheckpointBegin: "CHECKPOINT_BEGIN",
+    Pages: "PAGES",
+    State: "STATE",
+    CheckpointEnd: "CHECKPOINT_END",
+    Ack: "ACK",
+    Heartbeat: "HEARTBEAT",
+    End: "END",
+}
+_FROM_PRIMARY: Final = frozenset(
+    {"HELLO", "CHECKPOINT_BEGIN", "PAGES", "STATE", "CHECKPOINT_END", "HEARTBEAT", "END"}
+)
+_FROM_BACKUP: Final = frozenset({"WELCOME", "ACK", "HEARTBEAT", "END"})
+
+
+# -- digests and authentication -------------------------------------------------------
+
+
+def checkpoint_digest(pfns: BytesLike, data: BytesLike, state: BytesLike) -> int:
+    """The CHECKPOINT_END digest: all pfns, decoded page data and state, in order.
+
+    The primary computes it over its staging buffer (the pages before coding); the
+    backup over what it decoded. It catches what per-frame checksums cannot: a delta
+    decoded against a replica page that differs from the primary's cache.
+    """
+    return int(impl.hash64(state, impl.hash64(data, impl.hash64(pfns))))
+
+
+def _canonical(value: object) -> object:
+    if isinstance(value, Mapping):
+        items = sorted(value.items(), key=lambda kv: (type(kv[0]).__name__, kv[0]))
+        return {k: _canonical(v) for k, v in items}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def _mac(secret: bytes, label: bytes, *parts: object) -> bytes:
+    message = label + b"".join(
+        p if isinstance(p, bytes) else msgpack.packb(_canonical(p), use_bin_type=True)
+        for p in parts
+    )
+    return hmac.new(secret, message, sha256).digest()
+
+
+def hello_auth(secret: bytes, hello: Hello) -> bytes:
+    """HELLO's auth token for ``secret`` (``hello.auth`` itself is not covered)."""
+    fields = [
+        hello.version,
+        hello.role,
+        hello.driver,
+        hello.config,
+        hello.ram_size,
+        hello.page_size,
+        hello.features,
+    ]
+    return _mac(secret, b"tremus-hello\0", fields)
+
+
+def welcome_auth(secret: bytes, hello: Hello, welcome: Welcome) -> bytes:
+    """WELCOME's auth token: bound to the HELLO it answers through HELLO's token."""
+    return _mac(secret, b"tremus-welcome\0", hello.auth or b"", [welcome.version, welcome.features])
+
+
+# -- header schema --------------------------------------------------------------------
+
+_Check: TypeAlias = tuple[str, Callable[[object], bool]]
+
+
+def _is_u64(v: object) -> bool:
+    return type(v) is int and 0 <= v < _U64_LIMIT
+
+
+def _is_u64_or_nil(v: object) -> bool:
+    return v is None or _is_u64(v)
+
+
+def _is_str(v: object) -> bool:
+    return type(v) is str
+
+
+def _is_bool(v: object) -> bool:
+    return type(v) is bool
+
+
+def _is_bin_or_nil(v: object) -> bool:
+    return v is None or type(v) is bytes
+
+
+def _is_map(v: object) -> bool:
+    return type(v) is dict
+
+
+def _is_str_list(v: object) -> bool:
+    return type(v) is list and all(type(x) is str for x in v)
+
+
+def _is_finite(v: object) -> bool:
+    return type(v) is float and math.isfinite(v)
+
+
+_U64: Final[_Check] = ("an integer in [0, 2**64)", _is_u64)
+_SCHEMAS: Final[dict[str, dict[str, _Check]]] = {
+    "HELLO": {
+        "version": _U64,
+        "role": ("a string", _is_str),
+        "auth": ("bytes or nil", _is_bin_or_nil),
+        "driver": ("a string", _is_str),
+        "config": ("a map", _is_map),
+        "ram_size": _U64,
+        "page_size": _U64,
+        "features": ("a list of strings", _is_str_list),
+    },
+    "WELCOME": {
+        "version": _U64,
+        "features": ("a list of strings", _is_str_list),
+        "auth": ("bytes or nil", _is_bin_or_nil),
+    },
+    "CHECKPOINT_BEGIN": {"epoch": _U64, "full": ("a boolean", _is_bool)},
+    "PAGES": {"epoch": _U64, "count": _U64, "codec": ("a string", _is_str), "checksum": _U64},
+    "STATE": {"epoch": _U64, "checksum": _U64},
+    "CHECKPOINT_END": {
+        "epoch": _U64,
+        "pages": _U64,
+        "bytes": _U64,
+        "digest": ("an integer in [0, 2**64) or nil", _is_u64_or_nil),
+    },
+    "ACK": {"epoch": _U64},
+    "HEARTBEAT": {"seq": _U64, "time": ("a finite float", _is_finite)},
+    "END": {"reason": ("a string", _is_str)},
+}
+_WITH_PAYLOAD: Final = frozenset({"PAGES", "STATE"})
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(kind: str, header: Mapping[str, object]) -> str:
+    epoch = header.get("epoch")
+    return f"{kind} for epoch {epoch}" if _is_u64(epoch) else kind
+
+
+def _check_schema(kind: str, header: Mapping[str, object]) -> None:
+    schema = _SCHEMAS[kind]
+    unknown = sorted(k for k in header if k != "type" and k not in schema)
+    if unknown:
+        raise ProtocolError(f"{kind}: unexpected header field(s) {', '.join(unknown)}")
+    for name, (what, ok) in schema.items():
+        if name not in header:
+            raise ProtocolError(f"{_describe(kind, header)}: header field {name!r} is missing")
+        if not ok(header[name]):
+            raise ProtocolError(
+                f"{_describe(kind, header)}: header field {name!r} must be {what},"
+                f" not {_short(header[name])}"
+            )
+
+
+def _reject_ext(code: int, data: bytes) -> object:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def _decode_header(raw: BytesLike) -> tuple[str, dict[str, Any]]:
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True, use_list=True, ext_hook=_reject_ext
+        )
+    except Exception as exc:  # msgpack raises ValueError and friends for any bad input
+        raise ProtocolError(f"frame header is not valid msgpack: {exc}") from None
+    if type(header) is not dict:
+        raise ProtocolError(f"frame header must be a msgpack map, not {type(header).__name__}")
+    kind = header.get("type")
+    if not isinstance(kind, str) or kind not in _SCHEMAS:
+        raise ProtocolError(f"unknown frame type {_short(kind)}")
+    return kind, header
+
+
+# -- pfn lists ------------------------------------------------------------------------
+
+
+def _pfn_array(pfns: BytesLike) -> array[int]:
+    arr = array("Q")
+    arr.frombytes(pfns)
+    if sys.byteorder == "big":
+        arr.byteswap()
+    return arr
+
+
+def _first(pred: Callable[[int], bool], values: array[int]) -> int:
+    return next(i for i, v in enumerate(values) if pred(v))
+
+
+# -- the two directions ---------------------------------------------------------------
+
+
+@final
+class _Phase(enum.Enum):
+    HANDSHAKE = "HANDSHAKE"
+    IDLE = "IDLE"  # between checkpoints
+    PAGES = "PAGES"  # after CHECKPOINT_BEGIN
+    STATE = "STATE"  # after STATE: only CHECKPOINT_END may follow
+    ENDED = "ENDED"  # after END
+
+
+class _Session:
+    """What the handshake established; shared by both directions' rule checkers."""
+
+    def __init__(self, max_ram_size: int) -> None:
+        self.max_ram_size = max_ram_size
+        self.hello: Hello | None = None
+        self.welcome: Welcome | None = None
+        self.features: frozenset[str] = frozenset()
+        self.page_size = 0
+        self.ram_pages = 0
+
+
+class _PrimaryRules:
+    """The rules of the primary-to-backup direction (checked on both ends)."""
+
+    def __init__(self, session: _Session) -> None:
+        self.s = session
+        self.phase = _Phase.HANDSHAKE
+        self.epoch: int | None = None  # the open checkpoint, else the last one
+        self.full = False
+        self.pages = 0
+        self.nbytes = 0
+        self.last_pfn = -1
+        self.completed: deque[int] = deque()  # ended, not yet acknowledged
+        self.heartbeat_seq = -1
+
+    def precheck(self, kind: str, header: Mapping[str, Any], payload_len: int) -> None:
+        """Order and sizes, from the header alone: runs before the payload is buffered."""
+        what = _describe(kind, header)
+        phase = self.phase
+        if phase is _Phase.ENDED:
+            raise ProtocolError(f"{what} after END")
+        if phase is _Phase.HANDSHAKE and kind != "HELLO":
+            raise ProtocolError(f"{what} before HELLO: the primary's first frame is HELLO")
+        if kind == "HELLO" and phase is not _Phase.HANDSHAKE:
+            raise ProtocolError("second HELLO")
+        if kind in ("HELLO", "HEARTBEAT", "END"):
+            return
+        epoch: int = header["epoch"]
+        if kind == "CHECKPOINT_BEGIN":
+            if self.s.welcome is None:
+                raise ProtocolError(f"{what} before the backup's WELCOME")
+            if phase is not _Phase.IDLE:
+                raise ProtocolError(f"{what} while checkpoint {self.epoch} is still open")
+            if self.epoch is None and not header["full"]:
+                raise ProtocolError(f"{what}: the first checkpoint must be full (full=true)")
+            if self.epoch is not None and epoch != self.epoch + 1:
+                direction = "skips ahead" if epoch > self.epoch else "goes back"
+                raise ProtocolError(
+                    f"{what}: epoch {direction}; expected epoch {self.epoch + 1}"
+                    f" after checkpoint {self.epoch}"
+                )
+            return
+        if phase is _Phase.IDLE:
+            raise ProtocolError(f"{what} outside a checkpoint (no CHECKPOINT_BEGIN)")
+        if epoch != self.epoch:
+            raise ProtocolError(f"{what} inside checkpoint {self.epoch}")
+        if kind == "PAGES":
+            if phase is _Phase.STATE:
+                raise ProtocolError(f"{what} after STATE: pages must come before the state")
+            self._precheck_pages(what, header, payload_len)
+        elif kind == "STATE":
+            if phase is _Phase.STATE:
+                raise ProtocolError(f"{what}: second STATE in the checkpoint")
+        elif kind == "CHECKPOINT_END" and phase is not _Phase.STATE:
+            raise ProtocolError(f"{what} before STATE: a checkpoint needs its state")
+
+    def _precheck_pages(self, what: str, header: Mapping[str, Any], payload_len: int) -> None:
+        count: int = header["count"]
+        codec: str = header["codec"]
+        if not 1 <= count <= MAX_BATCH_PAGES:
+            raise ProtocolError(f"{what}: count {count} is not in 1..{MAX_BATCH_PAGES}")
+        if codec not in CODECS:
+            raise ProtocolError(f"{what}: unknown codec {_short(codec)}")
+        if codec == DELTA and DELTA not in self.s.features:
+            raise ProtocolError(f"{what}: codec 'delta' was not negotiated in WELCOME")
+        low, high = encoded_size(codec, count, self.s.page_size)
+        data_len = payload_len - 8 * count
+        if not low <= data_len <= high:
+            expected = f"{low}" if low == high else f"{low}..{high}"
+            raise ProtocolError(
+                f"{what}: payload of {payload_len} bytes does not fit {count} pfns"
+                f" ({8 * count} bytes) and {codec} data ({expected} bytes)"
+            )
+
+    def admit(self, event: Event) -> None:
+        """Full check of a whole event, then the transition; nothing changes on error."""
+        match event:
+            case Hello():
+                self._admit_hello(event)
+            case CheckpointBegin(epoch=epoch, full=full):
+                self.phase = _Phase.PAGES
+                self.epoch, self.full = epoch, full
+                self.pages = self.nbytes = 0
+                self.last_pfn = -1
+            case Pages():
+                self._admit_pages(event)
+            case State():
+                self.phase = _Phase.STATE
+            case CheckpointEnd():
+                self._admit_end(event)
+            case Heartbeat(seq=seq):
+                if seq <= self.heartbeat_seq:
+                    raise ProtocolError(
+                        f"HEARTBEAT seq {seq} does not increase (last {self.heartbeat_seq})"
+                    )
+                self.heartbeat_seq = seq
+            case End():
+                self.phase = _Phase.ENDED
+
+    def _admit_hello(self, hello: Hello) -> None:
+        if hello.role != "primary":
+            raise ProtocolError(f"HELLO: role must be 'primary', not {_short(hello.role)}")
+        if not hello.driver:
+            raise ProtocolError("HELLO: driver is empty")
+        ps, ram = hello.page_size, hello.ram_size
+        if not 512 <= ps <= 65536 or ps & (ps - 1):
+            raise ProtocolError(f"HELLO: page_size {ps} is not a power of two in 512..65536")
+        if ram <= 0 or ram % ps:
+            raise ProtocolError(f"HELLO: ram_size {ram} is not a positive multiple of {ps}")
+        if ram > self.s.max_ram_size:
+            raise ProtocolError(f"HELLO: ram_size {ram} exceeds the limit {self.s.max_ram_size}")
+        self.s.hello = hello
+        self.s.page_size = ps
+        self.s.ram_pages = ram // ps
+        self.phase = _Phase.IDLE
+
+    def _admit_pages(self, pages: Pages) -> None:
+        what = f"PAGES for epoch {pages.epoch}"
+        pfns = _pfn_array(pages.pfns)
+        limit = self.s.ram_pages
+        if max(pfns) >= limit:
+            i = _first(lambda p: p >= limit, pfns)
+            raise ProtocolError(
+                f"{what}: pfn {pfns[i]} (index {i}) out of range: RAM has {limit} pages"
+            )
+        if pfns[0] <= self.last_pfn:
+            raise ProtocolError(
+                f"{what}: pfn {pfns[0]} (index 0) does not follow pfn {self.last_pfn} of the"
+                " previous PAGES: pfns must be strictly ascending across a checkpoint"
+            )
+        if not all(map(operator.lt, pfns, pfns[1:])):
+            i = next(i for i in range(1, len(pfns)) if pfns[i] <= pfns[i - 1])
+            raise ProtocolError(
+                f"{what}: pfn {pfns[i]} (index {i}) does not follow pfn {pfns[i - 1]}:"
+                " pfns must be strictly ascending across a checkpoint"
+            )
+        self.last_pfn = pfns[-1]
+        self.pages += len(pfns)
+        self.nbytes += len(pages.data)
+
+    def _admit_end(self, end: CheckpointEnd) -> None:
+        what = f"CHECKPOINT_END for epoch {end.epoch}"
+        if end.pages != self.pages:
+            raise ProtocolError(f"{what}: says {end.pages} pages, the checkpoint had {self.pages}")
+        if end.bytes != self.nbytes:
+            raise ProtocolError(
+                f"{what}: says {end.bytes} page data bytes, the checkpoint had {self.nbytes}"
+            )
+        if self.full and self.pages != self.s.ram_pages:
+            raise ProtocolError(
+                f"{what}: a full checkpoint must carry all {self.s.ram_pages} pages,"
+                f" this one had {self.pages}"
+            )
+        assert end.epoch == self.epoch
+        self.completed.append(end.epoch)
+        self.phase = _Phase.IDLE
+
+
+class _BackupRules:
+    """The rules of the backup-to-primary direction (checked on both ends)."""
+
+    def __init__(self, session: _Session, primary: _PrimaryRules) -> None:
+        self.s = session
+        self.primary = primary
+        self.phase = _Phase.HANDSHAKE
+        self.last_acked: int | None = None
+        self.heartbeat_seq = -1
+
+    def precheck(self, kind: str, header: Mapping[str, Any], payload_len: int) -> None:
+        what = _describe(kind, header)
+        if self.phase is _Phase.ENDED:
+            raise ProtocolError(f"{what} after END")
+        if self.phase is _Phase.HANDSHAKE:
+            if self.s.hello is None:
+                raise ProtocolError(f"{what} before the primary's HELLO")
+            if kind not in ("WELCOME", "END"):
+                raise ProtocolError(f"{what} before WELCOME: the backup's first frame is WELCOME")
+        elif kind == "WELCOME":
+            raise ProtocolError("second WELCOME")
+
+    def admit(self, event: Event) -> None:
+        match event:
+            case Welcome():
+                hello = self.s.hello
+                assert hello is not None
+                extra = sorted(set(event.features) - set(hello.features))
+                if extra:
+                    raise ProtocolError(
+                        f"WELCOME: features {', '.join(extra)} were not offered in HELLO"
+                    )
+                self.s.welcome = event
+                self.s.features = frozenset(event.features)
+                self.phase = _Phase.IDLE
+            case Ack(epoch=epoch):
+                self._admit_ack(epoch)
+            case Heartbeat(seq=seq):
+                if seq <= self.heartbeat_seq:
+                    raise ProtocolError(
+                        f"HEARTBEAT seq {seq} does not increase (last {self.heartbeat_seq})"
+                    )
+                self.heartbeat_seq = seq
+            case End():
+                self.phase = _Phase.ENDED
+
+    def _admit_ack(self, epoch: int) -> None:
+        completed = self.primary.completed
+        if completed and epoch == completed[0]:
+            completed.popleft()
+            self.last_acked = epoch
+            return
+        if self.last_acked is not None and epoch <= self.last_acked:
+            raise ProtocolError(f"ACK for epoch {epoch}: already acknowledged")
+        if not completed:
+            raise ProtocolError(
+                f"ACK for epoch {epoch}: no checkpoint has ended that awaits an ACK"
+                f" (last ended: {self.primary.epoch if self.primary.epoch is not None else 'none'}"
+                f"{', still open' if self.primary.phase in (_Phase.PAGES, _Phase.STATE) else ''})"
+            )
+        if epoch > completed[-1]:
+            raise ProtocolError(
+                f"ACK for epoch {epoch}: ahead of the last ended checkpoint {completed[-1]}"
+            )
+        raise ProtocolError(f"ACK for epoch {epoch}: out of order, expected ACK {completed[0]}")
+
+
+# -- encoding -------------------------------------------------------------------------
+
+
+def _header_and_payload(event: Event) -> tuple[dict[str, Any], list[BytesLike]]:
+    kind = _KIND_OF.get(type(event))
+    if kind is None:
+        raise ProtocolError(f"cannot send {type(event).__name__}: it is not a frame")
+    h: dict[str, Any] = {"type": kind}
+    payload: list[BytesLike] = []
+    match event:
+        case Hello():
+            h |= {
+                "version": event.version,
+                "role": event.role,
+                "auth": event.auth,
+                "driver": event.driver,
+                "config": dict(event.config),
+                "ram_size": event.ram_size,
+                "page_size": event.page_size,
+                "features": list(event.features),
+            }
+        case Welcome():
+            h |= {"version": event.version, "features": list(event.features), "auth": event.auth}
+        case CheckpointBegin():
+            h |= {"epoch": event.epoch, "full": event.full}
+        case Pages():
+            if len(event.pfns) % 8:
+                raise ProtocolError(
+                    f"PAGES for epoch {event.epoch}: pfns is {len(event.pfns)} bytes,"
+                    " not a whole number of u64"
+                )
+            checksum = event.checksum
+            if checksum is None:
+                checksum = impl.hash64(event.data, impl.hash64(event.pfns))
+            h |= {
+                "epoch": event.epoch,
+                "count": event.count,
+                "codec": event.codec,
+                "checksum": checksum,
+            }
+            payload = [event.pfns, event.data]
+        case State():
+            checksum = event.checksum if event.checksum is not None else impl.hash64(event.state)
+            h |= {"epoch": event.epoch, "checksum": checksum}
+            payload = [event.state]
+        case CheckpointEnd():
+            h |= {
+                "epoch": event.epoch,
+                "pages": event.pages,
+                "bytes": event.bytes,
+                "digest": event.digest,
+            }
+        case Ack():
+            h |= {"epoch": event.epoch}
+        case Heartbeat():
+            h |= {"seq": event.seq, "time": float(event.time)}
+        case End():
+            h |= {"reason": event.reason}
+    return h, payload
+
+
+def _event_from(kind: str, h: dict[str, Any], payload: bytes) -> Event:
+    match kind:
+        case "HELLO":
+            return Hello(
+                version=h["version"],
+                role=h["role"],
+                auth=h["auth"],
+                driver=h["driver"],
+                config=h["config"],
+                ram_size=h["ram_size"],
+                page_size=h["page_size"],
+                features=tuple(h["features"]),
+            )
+        case "WELCOME":
+            return Welcome(version=h["version"], features=tuple(h["features"]), auth=h["auth"])
+        case "CHECKPOINT_BEGIN":
+            return CheckpointBegin(h["epoch"], h["full"])
+        case "PAGES":
+            view = memoryview(payload)
+            split = 8 * h["count"]
+            pfns, data = view[:split], view[split:]
+            checksum = impl.hash64(data, impl.hash64(pfns))
+            if checksum != h["checksum"]:
+                raise ProtocolError(
+                    f"PAGES for epoch {h['epoch']}: checksum mismatch over {h['count']} pfns"
+                    f" and {len(data)} data bytes (header {h['checksum']:#018x},"
+                    f" computed {checksum:#018x})"
+                )
+            return Pages(h["epoch"], pfns, data, h["codec"], checksum)
+        case "STATE":
+            checksum = impl.hash64(payload)
+            if checksum != h["checksum"]:
+                raise ProtocolError(
+                    f"STATE for epoch {h['epoch']}: checksum mismatch over {len(payload)} bytes"
+                    f" (header {h['checksum']:#018x}, computed {checksum:#018x})"
+                )
+            return State(h["epoch"], payload, checksum)
+        case "CHECKPOINT_END":
+            return CheckpointEnd(h["epoch"], h["pages"], h["bytes"], h["digest"])
+        case "ACK":
+            return Ack(h["epoch"])
+        case "HEARTBEAT":
+            return Heartbeat(h["seq"], h["time"])
+        case _:
+            return End(h["reason"])
+
+
+def _byte_views(event: Event) -> Event:
+    """Payload buffers as flat byte views, so that ``len`` counts bytes."""
+    if isinstance(event, Pages):
+        return replace(event, pfns=_bytes_of(event.pfns), data=_bytes_of(event.data))
+    if isinstance(event, State):
+        return replace(event, state=_bytes_of(event.state))
+    return event
+
+
+def _bytes_of(buffer: BytesLike) -> BytesLike:
+    if isinstance(buffer, memoryview) and (buffer.format != "B" or buffer.ndim != 1):
+        return buffer.cast("B")
+    return buffer
+
+
+def _frame(header: bytes, payload: list[BytesLike]) -> list[BytesLike]:
+    payload_len = sum(len(p) for p in payload)
+    check = impl.hash64(header, len(header) | payload_len << 32)
+    return [PREFIX.pack(len(header), payload_len, check), header, *payload]
+
+
+def encode_frame(event: Event) -> bytes:
+    """The frame for ``event``, with no check of order or content.
+
+    For tests, fuzzers and tools that need to produce invalid streams; a peer sends
+    through its connection's ``send``, which checks everything.
+    """
+    header, payload = _header_and_payload(_byte_views(event))
+    return b"".join(_frame(msgpack.packb(header, use_bin_type=True), payload))
+
+
+# -- connections ----------------------------------------------------------------------
+
+
+class _Connection:
+    """One end of a tremus stream; see the module docstring for the h11-like usage."""
+
+    _role: str
+    _peer: str
+
+    def __init__(
+        self,
+        *,
+        secret: bytes | None = None,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+        max_ram_size: int = DEFAULT_MAX_RAM_SIZE,
+    ) -> None:
+        if not 0 < max_payload < 1 << 32:
+            raise ValueError(f"max_payload must be in 1..2**32-1, not {max_payload}")
+        self._secret = secret
+        self._max_payload = max_payload
+        self._session = _Session(max_ram_size)
+        self._primary = _PrimaryRules(self._session)
+        self._backup = _BackupRules(self._session, self._primary)
+        self._buffer = bytearray()
+        self._eof = False
+        self._closed_seen = False
+        self._pending: tuple[str, dict[str, Any], int] | None = None
+        self._error: ProtocolError | None = None
+        self._frames_in = 0
+        self._frames_out = 0
+
+    # -- the rules of each direction, by role
+    @property
+    def _ours(self) -> _PrimaryRules | _BackupRules:
+        raise NotImplementedError
+
+    @property
+    def _theirs(self) -> _PrimaryRules | _BackupRules:
+        raise NotImplementedError
+
+    # -- introspection
+    @property
+    def state(self) -> ConnectionState:
+        if self._error is not None:
+            return ConnectionState.ERROR
+        if (
+            self._closed_seen
+            or self._primary.phase is _Phase.ENDED
+            or self._backup.phase is _Phase.ENDED
+        ):
+            return ConnectionState.CLOSED
+        if self._session.welcome is None:
+            return ConnectionState.HANDSHAKE
+        return ConnectionState.OPEN
+
+    @property
+    def error(self) -> ProtocolError | None:
+        """The error that put the connection in ERROR, if any."""
+        return self._error
+
+    @property
+    def hello(self) -> Hello | None:
+        return self._session.hello
+
+    @property
+    def welcome(self) -> Welcome | None:
+        return self._session.welcome
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The features both sides agreed on in WELCOME."""
+        return self._session.features
+
+    @property
+    def unacked(self) -> tuple[int, ...]:
+        """Epochs whose CHECKPOINT_END went through but whose ACK has not, oldest first."""
+        return tuple(self._primary.completed)
+
+    @property
+    def last_epoch(self) -> int | None:
+        """The open checkpoint's epoch, else the last one's (``None`` before the first)."""
+        return self._primary.epoch
+
+    # -- sending
+    def send(self, event: Event) -> bytes:
+        """The bytes of one frame for ``event``, after checking it is allowed now."""
+        return b"".join(self.send_parts(event))
+
+    def send_parts(self, event: Event) -> list[BytesLike]:
+        """Like ``send``, but the frame is returned in pieces; page data is not copied.
+
+        Write the pieces in order (e.g. one ``send_all`` each) before the next frame.
+        """
+        self._raise_if_failed()
+        try:
+            return self._send_parts(event)
+        except ProtocolError as exc:
+            raise self._fail(LocalProtocolError(f"cannot send {exc}")) from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise self._fail(
+                LocalProtocolError(f"cannot send {type(event).__name__}: {exc}")
+            ) from exc
+
+    def _send_parts(self, event: Event) -> list[BytesLike]:
+        kind = _KIND_OF.get(type(event))
+        if kind not in (_FROM_PRIMARY if self._role == "primary" else _FROM_BACKUP):
+            raise ProtocolError(f"{type(event).__name__}: a {self._role} does not send it")
+        event = self._sign(_byte_views(event))
+        header, payload = _header_and_payload(event)
+        _check_schema(kind, header)
+        raw = msgpack.packb(header, use_bin_type=True)
+        payload_len = sum(len(p) for p in payload)
+        if len(raw) > MAX_HEADER:
+            raise ProtocolError(f"{kind}: header of {len(raw)} bytes exceeds {MAX_HEADER}")
+        if payload_len > self._max_payload:
+            raise ProtocolError(
+                f"{_describe(kind, header)}: payload of {payload_len} bytes"
+                f" exceeds the {self._max_payload}-byte limit"
+            )
+        self._ours.precheck(kind, header, payload_len)
+        self._ours.admit(event)
+        self._frames_out += 1
+        return _frame(raw, payload)
+
+    def _sign(self, event: Event) -> Event:
+        if self._secret is None:
+            return event
+        if isinstance(event, Hello):
+            return replace(event, auth=hello_auth(self._secret, event))
+        if isinstance(event, Welcome):
+            if self._session.hello is None:
+                raise ProtocolError("WELCOME before the primary's HELLO")
+            return replace(event, auth=welcome_auth(self._secret, self._session.hello, event))
+        return event
+
+    # -- receiving
+    def receive_data(self, data: BytesLike) -> None:
+        """Buffer bytes from the peer; ``b""`` means EOF."""
+        if self._eof and data:
+            raise RuntimeError("receive_data after EOF")
+        if data:
+            self._buffer += data
+        else:
+            self._eof = True
+
+    def next_event(self) -> Event | NeedData:
+        """The next event from the buffered bytes, or ``NEED_DATA``.
+
+        Raises:
+            RemoteProtocolError: the peer broke the protocol; the connection is in
+                ERROR from now on and every later call raises again.
+        """
+        self._raise_if_failed()
+        try:
+            return self._next_event()
+        except ProtocolError as exc:
+            where = f"frame {self._frames_in + 1} from the {self._peer}"
+            raise self._fail(RemoteProtocolError(f"{exc} ({where})")) from None
+
+    def _next_event(self) -> Event | NeedData:
+        if self._closed_seen:
+            return ConnectionClosed(self._theirs.phase is _Phase.ENDED)
+        buf = self._buffer
+        if self._pending is None:
+            if len(buf) < PREFIX.size:
+                return self._need_data()
+            header_len, payload_len, check = PREFIX.unpack_from(buf)
+            if not 0 < header_len <= MAX_HEADER:
+                raise ProtocolError(f"frame header length {header_len} is not in 1..{MAX_HEADER}")
+            if payload_len > self._max_payload:
+                raise ProtocolError(
+                    f"frame payload length {payload_len} exceeds the {self._max_payload}-byte limit"
+                )
+            end = PREFIX.size + header_len
+            if len(buf) < end:
+                return self._need_data()
+            with memoryview(buf) as view:
+                raw = view[PREFIX.size : end]
+                try:
+                    if impl.hash64(raw, header_len | payload_len << 32) != check:
+                        raise ProtocolError("frame header checksum mismatch: the stream is corrupt")
+                    kind, header = _decode_header(raw)
+                finally:
+                    raw.release()
+            self._check_incoming_header(kind, header, payload_len)
+            del buf[:end]
+            self._pending = (kind, header, payload_len)
+        kind, header, payload_len = self._pending
+        if len(buf) < payload_len:
+            return self._need_data()
+        payload = bytes(buf[:payload_len])
+        del buf[:payload_len]
+        self._pending = None
+        event = _event_from(kind, header, payload)
+        self._verify(event)
+        self._theirs.admit(event)
+        self._frames_in += 1
+        return event
+
+    def _check_incoming_header(self, kind: str, header: dict[str, Any], payload_len: int) -> None:
+        if kind not in (_FROM_BACKUP if self._role == "primary" else _FROM_PRIMARY):
+            raise ProtocolError(f"{kind} from the {self._peer}, which never sends it")
+        if kind in ("HELLO", "WELCOME"):
+            version = header.get("version")
+            if version != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"{kind}: the {self._peer} speaks protocol version {_short(version)},"
+                    f" this {self._role} speaks version {PROTOCOL_VERSION}"
+                )
+        _check_schema(kind, header)
+        if kind not in _WITH_PAYLOAD and payload_len:
+            raise ProtocolError(
+                f"{_describe(kind, header)}: has a payload of {payload_len} bytes, must have none"
+            )
+        self._theirs.precheck(kind, header, payload_len)
+
+    def _verify(self, event: Event) -> None:
+        if self._secret is None:
+            return
+        if isinstance(event, Hello):
+            expected = hello_auth(self._secret, event)
+        elif isinstance(event, Welcome):
+            assert self._session.hello is not None
+            expected = welcome_auth(self._secret, self._session.hello, event)
+        else:
+            return
+        kind = _KIND_OF[type(event)]
+        if event.auth is None:
+            raise ProtocolError(f"{kind}: authentication failed: the {self._peer} sent no token")
+        if not hmac.compare_digest(event.auth, expected):
+            raise ProtocolError(f"{kind}: authentication failed: wrong token")
+
+    def _need_data(self) -> Event | NeedData:
+        if not self._eof:
+            return NEED_DATA
+        if self._pending is None and not self._buffer:
+            self._closed_seen = True
+            return ConnectionClosed(self._theirs.phase is _Phase.ENDED)
+        if self._pending is not None:
+            kind, header, payload_len = self._pending
+            raise ProtocolError(
+                f"connection closed inside {_describe(kind, header)}: got"
+                f" {len(self._buffer)} of {payload_len} payload bytes"
+            )
+        raise ProtocolError(
+            f"connection closed inside a frame: {len(self._buffer)} bytes of it arrived"
+        )
+
+    # -- errors
+    def _fail(self, exc: ProtocolError) -> ProtocolError:
+        self._error = exc
+        self._buffer.clear()
+        self._pending = None
+        return exc
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise type(self._error)(f"connection is in ERROR after: {self._error}")
+
+
+@final
+class PrimaryConnection(_Connection):
+    """The primary's end: sends HELLO then checkpoints; receives WELCOME, ACK, ...
+
+    Args:
+        secret: shared secret; HELLO is signed with it and WELCOME must prove it.
+        max_payload: largest frame payload accepted (the backup sends none).
+        max_ram_size: largest ``ram_size`` this side accepts in a HELLO.
+    """
+
+    _role = "primary"
+    _peer = "backup"
+
+    @property
+    def _ours(self) -> _PrimaryRules:
+        return self._primary
+
+    @property
+    def _theirs(self) -> _BackupRules:
+        return self._backup
+
+
+@final
+class BackupConnection(_Connection):
+    """The backup's end: receives HELLO and checkpoints; sends WELCOME, ACK, ...
+
+    Args:
+        secret: shared secret; HELLO must prove it, WELCOME is signed with it.
+        max_payload: largest frame payload accepted, checked before it is buffered.
+        max_ram_size: largest ``ram_size`` accepted in HELLO (it bounds staging memory).
+    """
+
+    _role = "backup"
+    _peer = "primary"
+
+    @property
+    def _ours(self) -> _BackupRules:
+        return self._backup
+
+    @property
+    def _theirs(self) -> _PrimaryRules:
+        return self._primary
+
+
+# -- staging on the backup ------------------------------------------------------------
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class CompleteCheckpoint:
+    """A verified checkpoint, decoded, ready to be applied to the replica.
+
+    Applying is the engine's job: ``impl.scatter(replica, cp.pfns, cp.data, page_size)``
+    and then the state. The views are read-only and stay valid as long as this object.
+    """
+
+    epoch: int
+    full: bool
+    #: Little-endian u64 pfns, strictly ascending.
+    pfns: memoryview
+    #: The decoded pages, ``page_size`` bytes each, in the order of ``pfns``.
+    data: memoryview
+    state: bytes
+    #: The digest that was verified, or ``None`` if the primary sent none.
+    digest: int | None
+
+    @property
+    def pages(self) -> int:
+        return len(self.pfns) // 8
+
+
+@final
+class CheckpointStager:
+    """Collects one checkpoint at a time and releases it only whole and verified.
+
+    Delta pages are decoded as they arrive, against ``replica`` (read, never written),
+    so memory stays bounded: at most ``len(replica)`` bytes of pages and ``max_state``
+    bytes of state per checkpoint. A ``ProtocolError`` discards the open checkpoint.
+
+    Feed it the checkpoint events a ``BackupConnection`` produced, which has already
+    checked order, bounds and checksums; the stager re-checks what bounds its memory.
+    """
+
+    def __init__(
+        self,
+        replica: BytesLike,
+        *,
+        page_size: int = 4096,
+        max_state: int = DEFAULT_MAX_STATE,
+    ) -> None:
+        view = memoryview(replica)
+        if view.nbytes % page_size:
+            raise ValueError(f"replica size {view.nbytes} is not a multiple of {page_size}")
+        self._replica = view.cast("B") if view.format != "B" else view
+        self._page_size = page_size
+        self._ram_pages = view.nbytes // page_size
+        self._max_state = max_state
+        self._epoch: int | None = None
+        self._full = False
+        self._pfns = bytearray()
+        self._data = bytearray()
+        self._state: bytes | None = None
+
+    @property
+    def open_epoch(self) -> int | None:
+        """The epoch being staged, if a checkpoint is open."""
+        return self._epoch
+
+    def abort(self) -> None:
+        """Drop the open checkpoint (on END, or when the stream is lost)."""
+        self._epoch = None
+        self._pfns = bytearray()
+        self._data = bytearray()
+        self._state = None
+
+    def feed(self, event: CheckpointEvent) -> CompleteCheckpoint | None:
+        """Stage one event; on a valid CHECKPOINT_END, return the complete checkpoint.
+
+        Raises:
+            ProtocolError: out of order, too big, undecodable, or a digest mismatch;
+                the open checkpoint is discarded.
+        """
+        try:
+            return self._feed(event)
+        except ProtocolError:
+            self.abort()
+            raise
+
+    def _feed(self, event: CheckpointEvent) -> CompleteCheckpoint | None:
+        kind = _KIND_OF[type(event)]
+        what = f"{kind} for epoch {event.epoch}"
+        if isinstance(event, CheckpointBegin):
+            if self._epoch is not None:
+                raise ProtocolError(f"{what} while checkpoint {self._epoch} is being staged")
+            self.abort()
+            self._epoch, self._full = event.epoch, event.full
+            return None
+        if self._epoch != event.epoch:
+            raise ProtocolError(f"{what}: the staged checkpoint is {self._epoch}")
+        if isinstance(event, Pages):
+            self._add_pages(what, event)
+            return None
+        if isinstance(event, State):
+            if self._state is not None:
+                raise ProtocolError(f"{what}: second STATE")
+            if len(event.state) > self._max_state:
+                raise ProtocolError(
+                    f"{what}: {len(event.state)} bytes of state exceed the {self._max_state}-byte limit"
+                )
+            self._state = bytes(event.state)
+            return None
+        return self._finish(what, event)
+
+    def _add_pages(self, what: str, pages: Pages) -> None:
+        if self._state is not None:
+            raise ProtocolError(f"{what} after STATE")
+        count = len(pages.pfns) // 8
+        staged = len(self._pfns) // 8
+        if count * 8 != len(pages.pfns) or staged + count > self._ram_pages:
+            raise ProtocolError(
+                f"{what}: {staged} + {count} pages exceed the replica's {self._ram_pages}"
+            )
+        size = count * self._page_size
+        start = len(self._data)
+        if pages.codec == RAW and len(pages.data) == size:
+            self._data += pages.data
+        else:
+            self._data += bytes(size)
+            with memoryview(self._data)[start:] as out:
+                try:
+                    decode_into(
+                        pages.codec, pages.data, pages.pfns, self._replica, out, self._page_size
+                    )
+                except ValueError as exc:
+                    raise ProtocolError(
+                        f"{what}: {pages.codec} data does not decode: {exc}"
+                    ) from None
+        self._pfns += pages.pfns
+
+    def _finish(self, what: str, end: CheckpointEnd) -> CompleteCheckpoint:
+        if self._state is None:
+            raise ProtocolError(f"{what} before STATE")
+        pages = len(self._pfns) // 8
+        if end.pages != pages:
+            raise ProtocolError(f"{what}: says {end.pages} pages, {pages} were staged")
+        if self._full and pages != self._ram_pages:
+            raise ProtocolError(f"{what}: full checkpoint has {pages} of {self._ram_pages} pages")
+        if end.digest is not None:
+            digest = checkpoint_digest(self._pfns, self._data, self._state)
+            if digest != end.digest:
+                raise ProtocolError(
+                    f"{what}: digest mismatch (primary {end.digest:#018x}, staged pages give"
+                    f" {digest:#018x}); the checkpoint is discarded"
+                )
+        done = CompleteCheckpoint(
+            epoch=end.epoch,
+            full=self._full,
+            pfns=memoryview(self._pfns).toreadonly(),
+            data=memoryview(self._data).toreadonly(),
+            state=self._state,
+            digest=end.digest,
+        )
+        self._epoch = None
+        self._pfns, self._data, self._state = bytearray(), bytearray(), None
+        return done
