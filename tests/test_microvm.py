@@ -56,9 +56,12 @@ async def test_dirty_set_is_inside_the_working_set_and_clears() -> None:
               pattern="random")
     ws_first = abi.WORKING_SET_ADDR // abi.PAGE_SIZE
     working_set = set(range(ws_first, ws_first + ws_pages))
-    # The guest's own pages: its image (code, data, bss) and its stack.
-    guest_own = set(range(abi.IMAGE_ADDR // 4096, abi.WORKING_SET_ADDR // 4096)) | set(
-        range(abi.STACK_TOP // 4096 - 4, abi.STACK_TOP // 4096)
+    # The guest's own pages: its image (code, data, bss), its stack, and the page
+    # tables (the CPU sets their accessed/dirty bits on its first walks).
+    guest_own = (
+        set(range(abi.IMAGE_ADDR // 4096, abi.WORKING_SET_ADDR // 4096))
+        | set(range(abi.STACK_TOP // 4096 - 4, abi.STACK_TOP // 4096))
+        | set(range(abi.PML4_ADDR // 4096, abi.PD_ADDR // 4096 + 4))
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(vm.run)

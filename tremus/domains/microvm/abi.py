@@ -24,6 +24,18 @@ PORT_CLOCK_LO = 0x520
 PORT_CLOCK_HI = 0x524
 PORT_IDLE = 0x530
 PORT_EXIT = 0x540
+PORT_NIC_RX = 0x550
+PORT_NIC_TX = 0x554
+
+# The NIC's buffer area (one page between the stack and the image; boot_info.net_buf
+# points here when the machine has a NIC, else it is 0).
+NET_BUF_ADDR = 0x90000
+NET_RX_OFFSET = 0  # the VMM copies a received frame here
+NET_TX_OFFSET = 2048  # the guest builds the frame to send here
+NET_FRAME_MAX = 2048  # largest frame either way (Ethernet header included, no FCS)
+NET_FRAME_MIN = 14  # an Ethernet header
+
+KV_UDP_PORT = 7000
 
 WORKLOADS = {"counter": 1, "dirty": 2, "kv": 3}
 PATTERNS = {"random": 0, "sequential": 1, "hotset": 2}

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from tremus.domains.base import DomainError
 from tremus.domains.microvm import abi
+from tremus.domains.microvm.nic import default_mac
+from tremus.domains.microvm.tap import valid_ifname
 
-__all__ = ["MicroVMConfig", "parse_size"]
+__all__ = ["MicroVMConfig", "parse_ip", "parse_mac", "parse_size"]
 
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -23,6 +26,42 @@ def parse_size(text: str, what: str) -> int:
     if not number.isdigit():
         raise DomainError(f"{what}={text!r} is not a size (examples: 16M, 512K, 1G)")
     return int(number) * _SUFFIXES[suffix]
+
+
+def parse_mac(text: str) -> bytes:
+    """``"02:aa:bb:cc:dd:ee"`` -> 6 bytes; a unicast, non-zero MAC."""
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise DomainError(f"mac={text!r} is not a MAC address (example: 02:00:00:00:00:01)")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise DomainError(f"mac={text!r} is not a MAC address (example: 02:00:00:00:00:01)") from None
+    if mac[0] & 1:
+        raise DomainError(f"mac={text!r} is a multicast address; the NIC needs a unicast MAC")
+    if mac == bytes(6):
+        raise DomainError(f"mac={text!r} is all zeros")
+    return mac
+
+
+def parse_ip(text: str) -> ipaddress.IPv4Interface:
+    """``"10.0.0.2/24"`` -> the guest's address and prefix (the prefix is required)."""
+    if "/" not in text:
+        raise DomainError(f"ip={text!r} needs a prefix length (example: 10.0.0.2/24)")
+    try:
+        iface = ipaddress.IPv4Interface(text)
+    except ValueError:
+        raise DomainError(f"ip={text!r} is not an IPv4 address with a prefix "
+                          f"(example: 10.0.0.2/24)") from None
+    if not 1 <= iface.network.prefixlen <= 32:
+        raise DomainError(f"ip={text!r}: prefix length must be within 1..32")
+    addr = iface.ip
+    if addr.is_multicast or addr.is_unspecified or addr == ipaddress.IPv4Address("255.255.255.255"):
+        raise DomainError(f"ip={text!r} is not a unicast host address")
+    if iface.network.prefixlen <= 30 and addr in (iface.network.network_address,
+                                                  iface.network.broadcast_address):
+        raise DomainError(f"ip={text!r} is the network or broadcast address of its subnet")
+    return iface
 
 
 def _parse_int(text: str, what: str) -> int:
@@ -107,11 +146,37 @@ class MicroVMConfig:
             )
         if self.interval_ms < 1 or self.interval_ms > 3_600_000:
             raise DomainError(f"interval_ms={self.interval_ms} must be within 1..3600000")
+        self._validate_net()
         if self.workload == "dirty" and self.working_set > self.memory - abi.WORKING_SET_ADDR:
             raise DomainError(
                 f"working set {self.working_set >> 10}K does not fit in memory "
                 f"{self.memory >> 10}K above the {abi.WORKING_SET_ADDR >> 10}K base"
             )
+
+    def _validate_net(self) -> None:
+        for key in ("tap", "bridge"):
+            name = getattr(self, key)
+            if name is not None and not valid_ifname(name):
+                raise DomainError(f"{key}={name!r} is not a valid interface name "
+                                  f"(1..15 characters, no '/', ':' or spaces)")
+        if self.tap is None:
+            for key in ("bridge", "mac", "ip"):
+                if getattr(self, key) is not None:
+                    raise DomainError(f"{key}= needs a NIC: give tap=NAME as well")
+        if self.mac is not None:
+            parse_mac(self.mac)
+        if self.ip is not None:
+            parse_ip(self.ip)
+        if self.workload == "kv" and (self.tap is None or self.ip is None):
+            raise DomainError("workload=kv needs a NIC and an address: give tap=NAME and "
+                              "ip=A.B.C.D/NN")
+
+    @property
+    def mac_bytes(self) -> bytes:
+        """The guest's MAC: ``mac=`` or one derived from the TAP name (b"" without NIC)."""
+        if self.mac is not None:
+            return parse_mac(self.mac)
+        return default_mac(self.tap) if self.tap is not None else b""
 
     @property
     def working_set_pages(self) -> int:
@@ -136,4 +201,15 @@ class MicroVMConfig:
             pattern=abi.PATTERNS[self.pattern],
             hot_pages=self.hot_set_pages,
             seed=self.seed,
+            **self._net_boot_info(),
         )
+
+    def _net_boot_info(self) -> dict[str, Any]:
+        if self.tap is None:
+            return {}
+        info: dict[str, Any] = {"mac": self.mac_bytes, "net_buf": abi.NET_BUF_ADDR}
+        if self.ip is not None:
+            iface = parse_ip(self.ip)
+            info["ip"] = iface.ip.packed
+            info["netmask"] = iface.network.netmask.packed
+        return info

@@ -38,7 +38,7 @@ class Clock:
     """
 
     name = "clock"
-    ports = (abi.PORT_CLOCK_LO, abi.PORT_CLOCK_HI)
+    ports: tuple[int, ...] = (abi.PORT_CLOCK_LO, abi.PORT_CLOCK_HI)
 
     def __init__(self) -> None:
         self._offset = -time.monotonic_ns()
@@ -69,7 +69,7 @@ class Idle:
     """HLT with a deadline: the guest arms ``now + µs``, then halts until then."""
 
     name = "idle"
-    ports = (abi.PORT_IDLE,)
+    ports: tuple[int, ...] = (abi.PORT_IDLE,)
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
@@ -99,7 +99,7 @@ class Console:
     """The guest hands over the address of a NUL-terminated line; one exit per line."""
 
     name = "console"
-    ports = (abi.PORT_CONSOLE,)
+    ports: tuple[int, ...] = (abi.PORT_CONSOLE,)
     MAX_LINE = 256
 
     def __init__(self, ram: memoryview, emit: Callable[[str], None]) -> None:
@@ -131,7 +131,7 @@ class ExitPort:
     """The guest stops the machine with a code (it found something it cannot handle)."""
 
     name = "exit"
-    ports = (abi.PORT_EXIT,)
+    ports: tuple[int, ...] = (abi.PORT_EXIT,)
 
     def __init__(self) -> None:
         self.code: int | None = None

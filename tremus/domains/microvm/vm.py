@@ -8,8 +8,10 @@ kicks the vCPU out of KVM_RUN (``immediate_exit`` + a signal to its thread).
 from __future__ import annotations
 
 import errno
+import math
 import mmap
 import os
+import select
 import signal
 import struct
 import threading
@@ -27,6 +29,8 @@ from tremus.domains.base import ConsoleSink, DomainError, Geometry
 from tremus.domains.microvm import _kvm, abi
 from tremus.domains.microvm.config import MicroVMConfig
 from tremus.domains.microvm.devices import Clock, Console, ExitPort, Idle, PortDevice
+from tremus.domains.microvm.nic import Nic
+from tremus.domains.microvm.tap import Tap
 from tremus.domains.microvm.vcpu import Vcpu
 
 __all__ = ["MicroVM", "STATE_FORMAT", "STATE_VERSION", "guest_image"]
@@ -132,6 +136,23 @@ class MicroVM:
         self.resumed_at_ns = 0
         #: Time from the suspend request to the vCPU being parked, last suspend.
         self.kick_latency_ns = 0
+        # Ends a HLT wait early: written by suspend/stop/wake (the NIC's TAP fd too).
+        self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._fds.append(self._event_fd)
+        self._poller = select.poll()
+        self._poller.register(self._event_fd, select.POLLIN)
+        #: The paravirtual NIC (``tap=``), or None.
+        self.nic: Nic | None = None
+        if config.tap is not None:
+            try:
+                tap = Tap.open(config.tap, bridge=config.bridge)
+            except BaseException:
+                self.close()
+                raise
+            ip = config.boot_info().ip
+            self.nic = Nic(tap, self._ram, self.write_ram, mac=config.mac_bytes, ip=ip)
+            self._devices += (self.nic,)
+            self._ports.update(dict.fromkeys(self.nic.ports, self.nic))
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -285,6 +306,7 @@ class MicroVM:
             self._want_pause = True
             self._cond.notify_all()
             thread_id = self._thread_id
+        self._poke()
         if thread_id is not None:
             self._native.kick(thread_id, self._vcpu.run, KICK_SIGNAL)
         await self._parked_event.wait()
@@ -303,6 +325,7 @@ class MicroVM:
             self._want_stop = True
             self._cond.notify_all()
             thread_id = self._thread_id
+        self._poke()
         if thread_id is not None and not self._closed:
             try:
                 self._native.kick(thread_id, self._vcpu.run, KICK_SIGNAL)
@@ -314,6 +337,22 @@ class MicroVM:
         with self._cond:
             self._wakeup = True
             self._cond.notify_all()
+        self._poke()
+
+    def _poke(self) -> None:
+        with self._cond:  # not while _close_kvm closes the descriptor
+            if not self._closed:
+                os.eventfd_write(self._event_fd, 1)
+
+    def announce(self) -> bool:
+        """Send a gratuitous ARP for the guest's IP and MAC on its TAP.
+
+        Call it when the machine appears on a new host (failover), so that bridges
+        and neighbours learn where it is now. False if it has no NIC or IP address.
+        """
+        if self.nic is None:
+            return False
+        return self.nic.announce()
 
     def close(self) -> None:
         """Release KVM and the RAM mapping (``ram`` is invalid afterwards)."""
@@ -327,7 +366,15 @@ class MicroVM:
     def _close_kvm(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        cond = getattr(self, "_cond", None)
+        if cond is None:
+            self._closed = True
+        else:
+            with cond:  # _poke() must not write to a closed descriptor
+                self._closed = True
+        nic: Nic | None = getattr(self, "nic", None)
+        if nic is not None:
+            nic.close()
         if hasattr(self, "_vcpu"):
             self._vcpu.close()
         for fd in self._fds:
@@ -383,19 +430,41 @@ class MicroVM:
             return not self._want_stop
 
     def _wait_halted(self) -> bool:
-        """Sleep through a HLT until its deadline or a wakeup; False if interrupted."""
-        with self._cond:
-            while not (self._want_pause or self._want_stop or self._wakeup):
-                remaining = self.idle.remaining()
-                if remaining is not None and remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            if self._want_pause or self._want_stop:
-                return False
-            self._wakeup = False
-            self._halted = False
-            self.idle.deadline = None
-            return True
+        """Sleep through a HLT until its deadline, a wakeup or a frame for the NIC;
+        False if a pause or stop interrupted it.
+
+        The wait is a poll() on the eventfd that suspend/stop/wake write (after
+        setting their flag, so a flag set after the check below still ends the poll)
+        and on the NIC's TAP descriptor.
+        """
+        nic_fd = self.nic.wait_fd if self.nic is not None else None
+        if nic_fd is not None:
+            self._poller.register(nic_fd, select.POLLIN)
+        try:
+            while True:
+                with self._cond:
+                    if self._want_pause or self._want_stop:
+                        return False
+                    remaining = self.idle.remaining()
+                    if self._wakeup or (remaining is not None and remaining <= 0):
+                        self._wakeup = False
+                        self._halted = False
+                        self.idle.deadline = None
+                        return True
+                timeout = None if remaining is None else max(1, math.ceil(remaining * 1000))
+                for fd, _ in self._poller.poll(timeout):
+                    if fd == self._event_fd:
+                        try:
+                            os.eventfd_read(self._event_fd)
+                        except BlockingIOError:
+                            pass
+                    elif self.nic is not None:  # a frame for a guest waiting for one
+                        self.nic.rx_armed = False
+                        with self._cond:
+                            self._wakeup = True
+        finally:
+            if nic_fd is not None:
+                self._poller.unregister(nic_fd)
 
     def _on_io(self) -> None:
         direction, size, port, count, offset = self._vcpu.io_exit()

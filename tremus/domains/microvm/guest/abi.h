@@ -31,7 +31,7 @@ struct boot_info {
     u8 mac[8];
     u32 ip;           /* network byte order */
     u32 netmask;      /* network byte order */
-    u64 net_buf;      /* kv: guest-physical address of the NIC buffer area */
+    u64 net_buf;      /* guest-physical address of the NIC buffer area; 0 = no NIC */
 };
 
 /* Ports. 32-bit accesses unless noted. */
@@ -40,9 +40,23 @@ struct boot_info {
 #define PORT_CLOCK_HI  0x524 /* in: high half of the latched value */
 #define PORT_IDLE      0x530 /* out: arm a deadline now+value microseconds (then HLT) */
 #define PORT_EXIT      0x540 /* out: stop the machine with this code */
+#define PORT_NIC_RX    0x550 /* in: copy the next received frame to net_buf + NET_RX_OFFSET,
+                                return its length (0 = nothing received) */
+#define PORT_NIC_TX    0x554 /* out: send the frame of value bytes at net_buf + NET_TX_OFFSET */
 
-static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port)); }
-static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+/* The NIC buffer area (boot_info.net_buf). */
+#define NET_BUF_ADDR   0x90000UL
+#define NET_RX_OFFSET  0
+#define NET_TX_OFFSET  2048
+#define NET_FRAME_MAX  2048 /* Ethernet header included, no FCS */
+#define NET_FRAME_MIN  14
+
+#define KV_UDP_PORT    7000
+
+/* Port I/O is also a compiler memory barrier: the VMM reads what the guest wrote before
+ * an `out` (console line, TX frame) and writes what the guest reads after an `in` (RX). */
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" : : "a"(v), "Nd"(port) : "memory"); }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port) : "memory"); return v; }
 static inline void hlt(void) { __asm__ volatile("hlt" ::: "memory"); }
 
 #endif

@@ -3,6 +3,7 @@
  * instructions (under emulation it runs at about a million per second).
  */
 #include "abi.h"
+#include "kv.h"
 
 __asm__(
     ".section .text.start, \"ax\"\n"
@@ -131,6 +132,9 @@ void main(void)
         break;
     case WL_DIRTY:
         run_dirty();
+        break;
+    case WL_KV:
+        run_kv();
         break;
     default:
         print(put_str(line, "unknown workload"));
