@@ -6,16 +6,19 @@ import argparse
 import socket
 import sys
 from collections.abc import Sequence
+from contextlib import AsyncExitStack
 
 import trio
 
+from tremus import transports
 from tremus._groups import collapse_groups
 from tremus._output import EventPrinter
+from tremus._wiring import NETBUF_KINDS, NetbufError, open_netbuf
 from tremus.domains.base import DomainError
 from tremus.domains.registry import create_domain
-from tremus import transports
 from tremus.engine.backup import BackupOutcome, BackupSession
 from tremus.engine.config import ConfigError, ProtectionConfig
+from tremus.engine.devices import DeviceError
 from tremus.engine.events import BackupReady, Console, DomainStarted, DomainStopped, EventHub
 from tremus.engine.primary import BackupLostError, PrimarySession
 
@@ -68,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="build checkpoints and drop them (benchmarking; not protection)")
     protect.add_argument("--verify", action="store_true",
                          help="digest every checkpoint; the backup verifies it before applying")
+    protect.add_argument("--netbuf", choices=NETBUF_KINDS, default="auto",
+                         help="how network output is held until its checkpoint is acked "
+                              "(auto: vmm for a domain with a NIC)")
+    protect.add_argument("--nfqueue-num", type=int, default=0, metavar="N",
+                         help="NFQUEUE number for --netbuf nfqueue (default 0)")
+    protect.add_argument("--unsafe", action="store_true",
+                         help="allow --netbuf none for a domain with a NIC (output is not held)")
     protect.add_argument("--max-inflight", type=int, default=4, metavar="N")
     protect.add_argument("--heartbeat-timeout", type=float, default=1000.0, metavar="MS")
     protect.add_argument("--heartbeat", type=float, default=100.0, metavar="MS")
@@ -131,9 +141,14 @@ async def cmd_protect(args: argparse.Namespace) -> int:
             stream = await transports.connect(_url(args.backup))
         except transports.InvalidURL as exc:
             raise UsageError(str(exc)) from None
-    session = PrimarySession(domain, stream, config=config, hub=hub,
-                             backup_name="blackhole" if args.blackhole else args.backup)
-    async with trio.open_nursery() as nursery:
+    async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+        try:
+            devices = await open_netbuf(args.netbuf, domain, stack, unsafe=args.unsafe,
+                                        queue_num=args.nfqueue_num)
+        except NetbufError as exc:
+            raise UsageError(str(exc)) from None
+        session = PrimarySession(domain, stream, config=config, hub=hub, devices=devices,
+                                 backup_name="blackhole" if args.blackhole else args.backup)
         hub.emit(DomainStarted(domain=args.domain, ram_bytes=domain.geometry.ram_size, host=host))
         await nursery.start(domain.run)
         try:
@@ -177,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(args.handler, args)
     except KeyboardInterrupt:
         return 130
-    except (DomainError, UsageError, OSError) as exc:
+    except (DomainError, UsageError, OSError, DeviceError) as exc:
         print(f"tremus: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError | DomainError) else 1
 

@@ -26,7 +26,11 @@ from tremus.domains.registry import get_driver, restore_domain
 from tremus.engine import protocol as p
 from tremus.engine.config import ProtectionConfig
 from tremus.engine.events import (
-    CheckpointApplied, EventHub, FailoverComplete, FailoverRefused, FailoverStarted,
+    CheckpointApplied,
+    EventHub,
+    FailoverComplete,
+    FailoverRefused,
+    FailoverStarted,
     PrimaryConnected,
 )
 
@@ -220,6 +224,9 @@ class BackupSession:
         self.domain = domain
         async with trio.open_nursery() as nursery:
             await nursery.start(domain.run)
+            announce = getattr(domain, "announce", None)
+            if announce is not None:
+                announce()  # tell the network where the guest is now (gratuitous ARP)
             downtime_ms = (trio.current_time() - self._last_heard) * 1000
             self.events.emit(FailoverComplete(epoch=epoch, downtime_ms=round(downtime_ms, 1),
                                               host=self.host))

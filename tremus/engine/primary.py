@@ -36,8 +36,14 @@ from tremus.engine import protocol as p
 from tremus.engine.config import ProtectionConfig
 from tremus.engine.devices import CheckpointDevice, DeviceError, DeviceRunner
 from tremus.engine.events import (
-    BackupLost, CheckpointAcked, CheckpointSent, DeviceFailed, EventHub, OutputReleased,
-    ProtectionStarted, ProtectionStopped,
+    BackupLost,
+    CheckpointAcked,
+    CheckpointSent,
+    DeviceFailed,
+    EventHub,
+    OutputReleased,
+    ProtectionStarted,
+    ProtectionStopped,
 )
 from tremus.transports.codec import DeltaCodec, RawCodec, split_batches
 

@@ -43,7 +43,8 @@ are errors)
 ``HELLO`` (primary, first frame): ``version`` u64, ``role`` "primary", ``auth`` bin|nil,
 ``driver`` str (the domain driver that rebuilds the VM), ``config`` map (the driver's
 configuration), ``ram_size`` u64 (a multiple of ``page_size``), ``page_size`` (a power
-of two in 512..65536), ``features`` [str] (what the primary would like to use).
+of two in 512..65536, small enough that a PAGES frame of 1024 pages fits the payload
+cap), ``features`` [str] (what the primary would like to use).
 
 ``WELCOME`` (backup, first frame): ``version``, ``features`` (a subset of HELLO's:
 what will be used; today only ``"delta"`` exists), ``auth`` bin|nil. A backup that
@@ -150,6 +151,7 @@ __all__ = [
     "CheckpointStager",
     "CompleteCheckpoint",
     "checkpoint_digest",
+    "BytesLike",
     "encode_frame",
     "hello_auth",
     "welcome_auth",
@@ -536,8 +538,9 @@ class _Phase(enum.Enum):
 class _Session:
     """What the handshake established; shared by both directions' rule checkers."""
 
-    def __init__(self, max_ram_size: int) -> None:
+    def __init__(self, max_ram_size: int, max_payload: int) -> None:
         self.max_ram_size = max_ram_size
+        self.max_payload = max_payload
         self.hello: Hello | None = None
         self.welcome: Welcome | None = None
         self.features: frozenset[str] = frozenset()
@@ -557,6 +560,7 @@ class _PrimaryRules:
         self.nbytes = 0
         self.last_pfn = -1
         self.completed: deque[int] = deque()  # ended, not yet acknowledged
+        self.ended: int | None = None  # the last checkpoint that ended
         self.heartbeat_seq = -1
 
     def precheck(self, kind: str, header: Mapping[str, Any], payload_len: int) -> None:
@@ -655,6 +659,12 @@ class _PrimaryRules:
             raise ProtocolError(f"HELLO: ram_size {ram} is not a positive multiple of {ps}")
         if ram > self.s.max_ram_size:
             raise ProtocolError(f"HELLO: ram_size {ram} exceeds the limit {self.s.max_ram_size}")
+        biggest = MAX_BATCH_PAGES * (8 + ps + 1)
+        if biggest > self.s.max_payload:
+            raise ProtocolError(
+                f"HELLO: page_size {ps} makes PAGES frames of up to {biggest} bytes,"
+                f" over the {self.s.max_payload}-byte payload limit (raise max_payload)"
+            )
         self.s.hello = hello
         self.s.page_size = ps
         self.s.ram_pages = ram // ps
@@ -698,6 +708,7 @@ class _PrimaryRules:
                 f" this one had {self.pages}"
             )
         assert end.epoch == self.epoch
+        self.ended = end.epoch
         self.completed.append(end.epoch)
         self.phase = _Phase.IDLE
 
@@ -757,10 +768,12 @@ class _BackupRules:
         if self.last_acked is not None and epoch <= self.last_acked:
             raise ProtocolError(f"ACK for epoch {epoch}: already acknowledged")
         if not completed:
+            ended = "none" if self.primary.ended is None else self.primary.ended
+            still_open = self.primary.phase in (_Phase.PAGES, _Phase.STATE)
             raise ProtocolError(
                 f"ACK for epoch {epoch}: no checkpoint has ended that awaits an ACK"
-                f" (last ended: {self.primary.epoch if self.primary.epoch is not None else 'none'}"
-                f"{', still open' if self.primary.phase in (_Phase.PAGES, _Phase.STATE) else ''})"
+                f" (last ended: {ended}"
+                + (f"; checkpoint {self.primary.epoch} is still open)" if still_open else ")")
             )
         if epoch > completed[-1]:
             raise ProtocolError(
@@ -928,7 +941,7 @@ class _Connection:
             raise ValueError(f"max_payload must be in 1..2**32-1, not {max_payload}")
         self._secret = secret
         self._max_payload = max_payload
-        self._session = _Session(max_ram_size)
+        self._session = _Session(max_ram_size, max_payload)
         self._primary = _PrimaryRules(self._session)
         self._backup = _BackupRules(self._session, self._primary)
         self._buffer = bytearray()
@@ -937,7 +950,6 @@ class _Connection:
         self._pending: tuple[str, dict[str, Any], int] | None = None
         self._error: ProtocolError | None = None
         self._frames_in = 0
-        self._frames_out = 0
 
     # -- the rules of each direction, by role
     @property
@@ -1029,7 +1041,6 @@ class _Connection:
             )
         self._ours.precheck(kind, header, payload_len)
         self._ours.admit(event)
-        self._frames_out += 1
         return _frame(raw, payload)
 
     def _sign(self, event: Event) -> Event:
@@ -1045,7 +1056,14 @@ class _Connection:
 
     # -- receiving
     def receive_data(self, data: BytesLike) -> None:
-        """Buffer bytes from the peer; ``b""`` means EOF."""
+        """Buffer bytes from the peer; ``b""`` means EOF.
+
+        The size caps are enforced by ``next_event``: call it until ``NEED_DATA``
+        after each chunk, and read the transport in bounded chunks. In ERROR the
+        bytes are dropped.
+        """
+        if self._error is not None:
+            return
         if self._eof and data:
             raise RuntimeError("receive_data after EOF")
         if data:
@@ -1098,7 +1116,8 @@ class _Connection:
         kind, header, payload_len = self._pending
         if len(buf) < payload_len:
             return self._need_data()
-        payload = bytes(buf[:payload_len])
+        with memoryview(buf) as view:
+            payload = bytes(view[:payload_len])
         del buf[:payload_len]
         self._pending = None
         event = _event_from(kind, header, payload)
