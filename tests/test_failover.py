@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import signal
 
 import trio
 
@@ -102,3 +103,28 @@ async def test_backup_refuses_failover_before_a_complete_checkpoint() -> None:
         await backup.exited.wait()
         assert backup.process.returncode == 1
         assert not backup.of("failover_complete")
+
+
+async def test_silent_primary_is_detected_by_heartbeat_timeout() -> None:
+    """A primary that stops talking (SIGSTOP: the socket stays open) is declared dead."""
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        backup = await start_tremus(
+            nursery, "backup", "backup", "--listen", f"127.0.0.1:{port}", "--json",
+            "--heartbeat-timeout", "500")
+        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+        primary = await start_tremus(
+            nursery, "primary", "protect", "--domain",
+            "microvm:workload=counter,memory=16M,interval_ms=20",
+            "--backup", f"127.0.0.1:{port}", "--interval", "50", "--json")
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 5, what="acks")
+        primary.process.send_signal(signal.SIGSTOP)
+        stopped_at = trio.current_time()
+        try:
+            started = await backup.wait_for(lambda b: b.of("failover_started"), what="failover")
+            assert "no word from the primary" in started[0]["reason"]
+            assert trio.current_time() - stopped_at <= 0.5 + 1
+            await backup.wait_for(lambda b: b.of("failover_complete"), what="failover_complete")
+        finally:
+            primary.kill()
+            backup.kill()

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--json", action="store_true", help="one JSON object per line")
     backup.set_defaults(handler=cmd_backup)
 
+    demo = sub.add_parser("demo", help="protect a counter VM, kill the primary, watch failover")
+    demo.add_argument("--seconds", type=_duration, default=4.0, metavar="S",
+                      help="how long to run protected before the kill (default 4)")
+    demo.add_argument("--json", action="store_true", help="one JSON object per line")
+    demo.set_defaults(handler=cmd_demo)
+
     protect = sub.add_parser("protect", help="run a domain protected by a backup")
     protect.add_argument("--domain", required=True, metavar="SPEC")
     protect.add_argument("--backup", metavar="HOST:PORT", help="the backup's address (or URL)")
@@ -105,6 +111,12 @@ def _protection_config(args: argparse.Namespace, **extra: object) -> ProtectionC
                                 auth_secret=secret, **extra)  # type: ignore[arg-type]
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from tremus._demo import run_demo
+
+    return await run_demo(args.seconds, args.json)
 
 
 async def cmd_backup(args: argparse.Namespace) -> int:

@@ -1,0 +1,42 @@
+"""The ``tremus`` command as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests._microvm_util import needs_kvm
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tremus.cli", *args], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL, env=dict(os.environ))
+
+
+@needs_kvm
+def test_demo_fails_over_and_the_counter_continues() -> None:
+    proc = _cli("demo", "--seconds", "1.5")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "failover_complete" in proc.stdout
+    assert proc.stdout.strip().endswith("OK")
+
+
+def test_protect_needs_a_backup() -> None:
+    proc = _cli("protect", "--domain", "microvm:memory=4M")
+    assert proc.returncode == 2
+    assert "--backup" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_kvm
+def test_protect_to_a_missing_backup_is_one_clear_line() -> None:
+    proc = _cli("protect", "--domain", "microvm:memory=4M", "--backup", "127.0.0.1:1")
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_bad_listen_address() -> None:
+    proc = _cli("backup", "--listen", "nonsense:port")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
