@@ -31,6 +31,7 @@ from tremus.engine.events import (
     FailoverComplete,
     FailoverRefused,
     FailoverStarted,
+    Operation,
     PrimaryConnected,
 )
 
@@ -86,6 +87,9 @@ class BackupSession:
         self.host = socket.gethostname()
         #: The domain running here after a failover.
         self.domain: Domain | None = None
+        #: Completes with ``FailoverComplete`` once the domain runs here; fails if the
+        #: backup refused (nothing to fail over to) or the primary ended gracefully.
+        self.failover: Operation[FailoverComplete] = Operation("failover", self.events)
 
     @property
     def replica(self) -> memoryview | None:
@@ -105,14 +109,17 @@ class BackupSession:
             reason = str(exc)
         else:
             if reason is None:
+                self.failover.fail(RuntimeError("the primary ended protection: no failover"))
                 task_status.started(BackupOutcome.ENDED)
                 return BackupOutcome.ENDED
         finally:
             with trio.CancelScope(shield=True):
                 await self._stream.aclose()
         if self._state is None or self._replica is None or self._hello is None:
-            self.events.emit(FailoverRefused(
-                reason=f"{reason}; no complete checkpoint was received, nothing to fail over to"))
+            refused = FailoverRefused(
+                reason=f"{reason}; no complete checkpoint was received, nothing to fail over to")
+            self.events.emit(refused)
+            self.failover.fail(RuntimeError(refused.reason))
             task_status.started(BackupOutcome.REFUSED)
             return BackupOutcome.REFUSED
         await self._failover(reason, task_status)
@@ -228,6 +235,8 @@ class BackupSession:
             if announce is not None:
                 announce()  # tell the network where the guest is now (gratuitous ARP)
             downtime_ms = (trio.current_time() - self._last_heard) * 1000
-            self.events.emit(FailoverComplete(epoch=epoch, downtime_ms=round(downtime_ms, 1),
-                                              host=self.host))
+            complete = FailoverComplete(epoch=epoch, downtime_ms=round(downtime_ms, 1),
+                                        host=self.host)
+            self.events.emit(complete)
+            self.failover.complete(complete)
             task_status.started(BackupOutcome.FAILED_OVER)

@@ -14,14 +14,15 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, final
+from typing import Any, ClassVar, Generic, TypeVar, final
 
 import trio
 
 __all__ = [
     "BackupLost", "BackupReady", "CheckpointAcked", "CheckpointApplied", "CheckpointSent",
     "Console", "DeviceFailed", "DomainStarted", "DomainStopped", "Event", "EventHub",
-    "FailoverComplete", "FailoverRefused", "FailoverStarted", "OutputReleased",
+    "FailoverComplete", "FailoverRefused", "FailoverStarted", "Operation", "OperationComplete",
+    "OutputReleased",
     "PrimaryConnected", "ProtectionStarted", "ProtectionStopped", "Subscription",
 ]
 
@@ -170,6 +171,7 @@ class FailoverRefused(Event):
 
 
 Callback = Callable[[Event], None]
+T = TypeVar("T")
 
 
 @final
@@ -251,3 +253,71 @@ class EventHub:
     def close(self) -> None:
         for subscription in list(self._subscriptions):
             subscription.close()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OperationComplete(Event):
+    """A long operation finished (libxl's ``for_event`` completion)."""
+
+    name: ClassVar[str] = "operation_complete"
+    operation: str
+    ok: bool
+    error: str | None = None
+
+
+@final
+class Operation(Generic[T]):
+    """A long operation that completes the libxl ``ao_how`` way.
+
+    Three ways to learn the outcome, all always available: ``await op.wait()``;
+    ``op.add_done_callback(fn)`` (called on the Trio thread with the operation); or
+    the ``OperationComplete`` event on the hub, next to the domain-specific event
+    (``ProtectionStarted``, ``FailoverComplete``, ...).
+    """
+
+    def __init__(self, name: str, hub: EventHub) -> None:
+        self.name = name
+        self._hub = hub
+        self._done = trio.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._callbacks: list[Callable[[Operation[T]], None]] = []
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self) -> T:
+        """The value, or the error raised; RuntimeError if not done yet."""
+        if not self._done.is_set():
+            raise RuntimeError(f"operation {self.name} is not complete")
+        if self._error is not None:
+            raise self._error
+        return self._value  # type: ignore[return-value]
+
+    async def wait(self) -> T:
+        await self._done.wait()
+        return self.result()
+
+    def add_done_callback(self, callback: Callable[[Operation[T]], None]) -> None:
+        if self._done.is_set():
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    def complete(self, value: T) -> None:
+        self._finish(value, None)
+
+    def fail(self, error: BaseException) -> None:
+        self._finish(None, error)
+
+    def _finish(self, value: T | None, error: BaseException | None) -> None:
+        if self._done.is_set():
+            return
+        self._value, self._error = value, error
+        self._done.set()
+        self._hub.emit(OperationComplete(operation=self.name, ok=error is None,
+                                         error=None if error is None else str(error)))
+        for callback in self._callbacks:
+            callback(self)
+        self._callbacks.clear()

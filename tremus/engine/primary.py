@@ -41,6 +41,7 @@ from tremus.engine.events import (
     CheckpointSent,
     DeviceFailed,
     EventHub,
+    Operation,
     OutputReleased,
     ProtectionStarted,
     ProtectionStopped,
@@ -98,7 +99,8 @@ class PrimarySession:
         self._stream = stream
         self._devices = DeviceRunner(devices)
         self._backup_name = backup_name or ("blackhole" if stream is None else "backup")
-        self._conn = p.PrimaryConnection(secret=self.config.auth_secret)
+        self._conn = p.PrimaryConnection(
+            secret=self.config.auth_secret if stream is not None else None)
         geometry = domain.geometry
         self._page_size = geometry.page_size
         self._staging = bytearray(geometry.ram_size)
@@ -114,6 +116,8 @@ class PrimarySession:
         self.stopped = trio.Event()
         self._stop_reason = "stopped"
         self._lost: str | None = None
+        #: Completes when the backup has accepted protection (or fails if it did not).
+        self.protection: Operation[None] = Operation("protect", self.events)
         self.epochs_acked = 0
         self.last_acked_epoch = -1
         self.protected = False
@@ -143,6 +147,7 @@ class PrimarySession:
                 ))
                 task_status.started()
                 started = True
+                self.protection.complete(None)
                 with collapse_groups():
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._protect, nursery.cancel_scope)
@@ -150,6 +155,7 @@ class PrimarySession:
                         nursery.cancel_scope.cancel()
             except BackupLostError as exc:
                 if not started:
+                    self.protection.fail(exc)
                     raise
                 await self._backup_lost(str(exc))
             if self._lost is not None:
@@ -173,10 +179,9 @@ class PrimarySession:
         hello = p.Hello(driver=self.domain.driver, ram_size=geometry.ram_size,
                         page_size=geometry.page_size, config=dict(self.domain.config),
                         features=features)
-        if self._stream is None:
-            self._codec = self._make_codec(set(features))
-            return
         await self._send_parts(self._conn.send_parts(hello))
+        if self._stream is None:  # blackhole: the backup's answers are made up here
+            self._conn.receive_data(p.encode_frame(p.Welcome(features=features)))
         with trio.move_on_after(self.config.heartbeat_timeout_ms / 1000 * 5) as scope:
             event = await self._next_event()
         if scope.cancelled_caught:
@@ -223,7 +228,10 @@ class PrimarySession:
             resumed_at = trio.current_time()
             await self._send_checkpoint(epoch, epoch == 0, pfns, state, pause_us, kick_us)
             if self._stream is None:
-                await self._on_ack(epoch)
+                self._conn.receive_data(p.encode_frame(p.Ack(epoch)))
+                event = self._conn.next_event()
+                assert isinstance(event, p.Ack), event
+                await self._on_ack(event.epoch)
             epoch += 1
 
     async def _capture(self, epoch: int, *, full: bool) -> tuple[memoryview, bytes, float, float]:
@@ -270,6 +278,10 @@ class PrimarySession:
         record = self._inflight.pop(epoch, None)
         if record is None:
             raise BackupLostError(f"ACK for epoch {epoch}, which is not in flight")
+        # Stamp the ACK's arrival before commit releases anything: the event's time
+        # is then a lower bound of when epoch N's output can be seen outside.
+        acked_at = time.time()
+        round_trip_ms = round((trio.current_time() - record.sent_at) * 1000, 2)
         released = await self._devices.commit(epoch)
         if self._devices.devices:
             self.events.emit(OutputReleased(epoch=epoch, packets=released))
@@ -277,10 +289,10 @@ class PrimarySession:
         self.last_acked_epoch = epoch
         self._inflight_changed.set()
         self.events.emit(CheckpointAcked(
+            time=acked_at,
             epoch=epoch, dirty_pages=record.dirty_pages, pause_us=round(record.pause_us, 1),
             kick_us=round(record.kick_us, 1), bytes_sent=record.bytes_sent,
-            raw_bytes=record.raw_bytes,
-            round_trip_ms=round((trio.current_time() - record.sent_at) * 1000, 2),
+            raw_bytes=record.raw_bytes, round_trip_ms=round_trip_ms,
         ))
 
     # -- the backup's side of the stream --------------------------------------------
@@ -295,7 +307,6 @@ class PrimarySession:
                 raise BackupLostError("the backup closed the connection")
 
     async def _next_event(self, timeout: float = math.inf) -> p.Event:
-        assert self._stream is not None
         while True:
             try:
                 event = self._conn.next_event()
@@ -303,6 +314,7 @@ class PrimarySession:
                 raise BackupLostError(f"protocol error from the backup: {exc}") from exc
             if event is not p.NEED_DATA:
                 return event
+            assert self._stream is not None, "blackhole answers are fed before they are read"
             with trio.move_on_after(timeout) as scope:
                 try:
                     data = await self._stream.receive_some(1 << 16)

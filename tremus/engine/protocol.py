@@ -17,7 +17,7 @@ once the backup has verified and applied it::
     CHECKPOINT_END(e, totals, digest) --------->
     <-------------------------------------- ACK(e)
     ... the next checkpoint is e + 1 (several may be in flight) ...
-    HEARTBEAT <--------------------------------> HEARTBEAT   (any time after the handshake)
+    HEARTBEAT <--------------------------------> HEARTBEAT   (after the sender's first frame)
     END(reason) <------------------------------> END(reason) (graceful stop)
 
 Framing (protocol version 1; all integers little-endian)
