@@ -35,11 +35,15 @@ from tremus.engine.events import (
     PrimaryConnected,
 )
 
-__all__ = ["BackupOutcome", "BackupSession", "PrimaryFailed"]
+__all__ = ["BackupOutcome", "BackupSession", "PrimaryFailed", "ReplicaDiverged"]
 
 
 class PrimaryFailed(Exception):
     """The primary is gone (or broke the protocol); the message says how."""
+
+
+class ReplicaDiverged(PrimaryFailed):
+    """``--verify`` found the replica different from the primary's RAM."""
 
 
 @final
@@ -179,13 +183,24 @@ class BackupSession:
         assert self._replica is not None and self._hello is not None
         started = time.perf_counter()
         impl.scatter(self._replica, checkpoint.pfns, checkpoint.data, self._hello.page_size)
+        verified = None
+        if checkpoint.ram_digest is not None:
+            verified = int(impl.hash64(self._replica)) == checkpoint.ram_digest
+            if not verified:
+                # The checkpoint itself was verified before it was applied, so the
+                # replica had diverged before it: it cannot be trusted for failover.
+                self._state = None
+                raise ReplicaDiverged(
+                    f"after applying checkpoint {checkpoint.epoch} the replica does not match "
+                    f"the primary's RAM digest: the replica is discarded"
+                )
         self._state = checkpoint.state
         self.applied_epoch = checkpoint.epoch
         apply_us = (time.perf_counter() - started) * 1e6
         await self._send(p.Ack(checkpoint.epoch))
         self.events.emit(CheckpointApplied(epoch=checkpoint.epoch, pages=checkpoint.pages,
                                            bytes_received=len(checkpoint.data),
-                                           apply_us=round(apply_us, 1)))
+                                           apply_us=round(apply_us, 1), verified=verified))
 
     async def _next_event(self, timeout: float) -> Any:
         while True:

@@ -147,6 +147,8 @@ class CheckpointApplied(Event):
     pages: int
     bytes_received: int
     apply_us: float
+    #: The replica matched the primary's RAM digest (None: no digest was sent).
+    verified: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

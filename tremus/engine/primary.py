@@ -29,7 +29,7 @@ from typing import final
 
 import trio
 
-from tremus._groups import collapse_groups
+from tremus._groups import collapse_groups, leaves
 from tremus.accel import impl
 from tremus.domains.base import Domain
 from tremus.engine import protocol as p
@@ -111,6 +111,7 @@ class PrimarySession:
         self._inflight_changed = trio.Event()
         self._last_sent = 0.0
         self._heartbeat_seq = 0
+        self._ram_digest = 0
         self._stop = trio.Event()
         #: Set once ``run`` has finished (END sent, devices torn down).
         self.stopped = trio.Event()
@@ -200,19 +201,27 @@ class PrimarySession:
     # -- the protected phase --------------------------------------------------------
     async def _protect(self, scope: trio.CancelScope) -> None:
         try:
-            with collapse_groups():
-                async with trio.open_nursery() as nursery:
-                    if self._stream is not None:
-                        nursery.start_soon(self._receive_loop)
-                        nursery.start_soon(self._heartbeat_loop)
-                    await self._epoch_loop()
-        except BackupLostError as exc:
-            await self._backup_lost(str(exc))
-        except DeviceError as exc:
-            self.events.emit(DeviceFailed(device=exc.device, op=exc.op, message=str(exc.cause)))
-            await self._backup_lost(f"protection stopped: {exc}")
-            with trio.CancelScope(shield=True):
-                await self._say_end(f"primary device failure: {exc}")
+            async with trio.open_nursery() as nursery:
+                if self._stream is not None:
+                    nursery.start_soon(self._receive_loop)
+                    nursery.start_soon(self._heartbeat_loop)
+                await self._epoch_loop()
+        except BaseExceptionGroup as group:
+            # Several tasks may notice the same loss (a send and a receive): report the
+            # first device failure if any, else the first loss; anything else is a bug.
+            found = leaves(group)
+            if not all(isinstance(e, BackupLostError | DeviceError) for e in found):
+                raise
+            device_errors = [e for e in found if isinstance(e, DeviceError)]
+            if device_errors:
+                error = device_errors[0]
+                self.events.emit(DeviceFailed(device=error.device, op=error.op,
+                                              message=str(error.cause)))
+                with trio.CancelScope(shield=True):
+                    await self._say_end(f"primary device failure: {error}")
+                await self._backup_lost(f"protection stopped: {error}")
+            else:
+                await self._backup_lost(str(found[0]))
 
     async def _epoch_loop(self) -> None:
         interval = self.config.interval_ms / 1000
@@ -246,6 +255,8 @@ class PrimarySession:
                 pfns = memoryview(self._all_pfns) if full else dirty.cast("B")
                 impl.gather(domain.ram, pfns, self._staging, self._page_size)
                 state = domain.save_state()
+                if self.config.verify:
+                    self._ram_digest = int(impl.hash64(domain.ram))
                 await self._devices.preresume(epoch)
             finally:
                 await domain.resume()
@@ -266,7 +277,8 @@ class PrimarySession:
             parts += conn.send_parts(p.Pages(epoch, batch_pfns, data, self._codec.name))
         parts += conn.send_parts(p.State(epoch, state))
         digest = p.checkpoint_digest(pfns, pages, state) if self.config.verify else None
-        parts += conn.send_parts(p.CheckpointEnd(epoch, count, coded, digest))
+        ram_digest = self._ram_digest if self.config.verify else None
+        parts += conn.send_parts(p.CheckpointEnd(epoch, count, coded, digest, ram_digest))
         sent = sum(len(part) for part in parts)
         self._inflight[epoch] = _Inflight(epoch, count, pause_us, kick_us, sent,
                                           count * self._page_size, trio.current_time())

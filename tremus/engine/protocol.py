@@ -66,7 +66,9 @@ Exactly one per checkpoint, after its pages.
 ``CHECKPOINT_END``: ``epoch``, ``pages`` and ``bytes`` (number of pages and of page
 data bytes as sent, summed over the checkpoint's PAGES frames: must match), ``digest``
 u64|nil = ``checkpoint_digest(pfns, decoded pages, state)`` over the whole checkpoint
-in order, verified by the backup's stager after decoding.
+in order, verified by the backup's stager after decoding, before anything is applied;
+``ram_digest`` u64|nil = ``hash64`` of the primary's whole RAM when the checkpoint was
+taken (``--verify``): after applying, the backup's replica must hash the same.
 
 ``ACK`` (backup): ``epoch``: checkpoint ``epoch`` is verified and applied. One per
 completed checkpoint, in order, never for a checkpoint that has not ended.
@@ -282,6 +284,8 @@ class CheckpointEnd:
     bytes: int
     #: ``checkpoint_digest`` of the whole checkpoint, or ``None`` (not checked).
     digest: int | None = None
+    #: ``hash64`` of the primary's whole RAM at this checkpoint (``--verify``), or ``None``.
+    ram_digest: int | None = None
 
 
 @final
@@ -456,6 +460,7 @@ _SCHEMAS: Final[dict[str, dict[str, _Check]]] = {
         "pages": _U64,
         "bytes": _U64,
         "digest": ("an integer in [0, 2**64) or nil", _is_u64_or_nil),
+        "ram_digest": ("an integer in [0, 2**64) or nil", _is_u64_or_nil),
     },
     "ACK": {"epoch": _U64},
     "HEARTBEAT": {"seq": _U64, "time": ("a finite float", _is_finite)},
@@ -833,6 +838,7 @@ def _header_and_payload(event: Event) -> tuple[dict[str, Any], list[BytesLike]]:
                 "pages": event.pages,
                 "bytes": event.bytes,
                 "digest": event.digest,
+                "ram_digest": event.ram_digest,
             }
         case Ack():
             h |= {"epoch": event.epoch}
@@ -881,7 +887,7 @@ def _event_from(kind: str, h: dict[str, Any], payload: bytes) -> Event:
                 )
             return State(h["epoch"], payload, checksum)
         case "CHECKPOINT_END":
-            return CheckpointEnd(h["epoch"], h["pages"], h["bytes"], h["digest"])
+            return CheckpointEnd(h["epoch"], h["pages"], h["bytes"], h["digest"], h["ram_digest"])
         case "ACK":
             return Ack(h["epoch"])
         case "HEARTBEAT":
@@ -1252,6 +1258,9 @@ class CompleteCheckpoint:
     state: bytes
     #: The digest that was verified, or ``None`` if the primary sent none.
     digest: int | None
+    #: ``hash64`` of the primary's RAM at this checkpoint: after applying, the
+    #: replica must hash the same (checked by the engine), or ``None``.
+    ram_digest: int | None = None
 
     @property
     def pages(self) -> int:
@@ -1388,6 +1397,7 @@ class CheckpointStager:
             data=memoryview(self._data).toreadonly(),
             state=self._state,
             digest=end.digest,
+            ram_digest=end.ram_digest,
         )
         self._epoch = None
         self._pfns, self._data, self._state = bytearray(), bytearray(), None

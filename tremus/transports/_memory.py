@@ -95,6 +95,12 @@ class BlackholeStream(trio.abc.Stream):
     ``acks_immediately``). That is not protection: output is released unprotected.
     ``receive_some`` waits until the stream is closed (it never reports EOF, which
     would look like a lost backup).
+
+    To keep the ``PrimaryConnection`` checks (and the cost of framing, which the
+    benchmark should include), feed the connection what a backup would have said:
+    ``conn.receive_data(encode_frame(Welcome(features=...)))`` after HELLO, and
+    ``encode_frame(Ack(epoch))`` after each CHECKPOINT_END (with a secret, WELCOME
+    needs ``auth=welcome_auth(secret, signed_hello, welcome)``).
     """
 
     #: The engine's cue to synthesise the ACKs no backup will send.

@@ -1,0 +1,271 @@
+"""The replication engine in one process: verified replicas, cut streams, refusals."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import pytest
+import trio
+
+from tests._microvm_util import ConsoleLog, needs_kvm
+from tremus import transports
+from tremus.domains.base import Domain
+from tremus.domains.registry import create_domain
+from tremus.engine.backup import BackupOutcome, BackupSession
+from tremus.engine.config import ProtectionConfig
+from tremus.engine.events import (
+    BackupLost,
+    CheckpointAcked,
+    CheckpointApplied,
+    Event,
+    FailoverComplete,
+    FailoverRefused,
+    FailoverStarted,
+)
+from tremus.engine.primary import PrimarySession
+
+pytestmark = needs_kvm
+
+
+@dataclass
+class Pair:
+    primary: PrimarySession
+    backup: BackupSession
+    domain: Domain
+    primary_events: list[Event] = field(default_factory=list)
+    backup_events: list[Event] = field(default_factory=list)
+    backup_done: trio.Event = field(default_factory=trio.Event)
+    outcome: BackupOutcome | None = None
+
+    def of(self, kind: type[Event], side: str = "primary") -> list:
+        events = self.primary_events if side == "primary" else self.backup_events
+        return [e for e in events if isinstance(e, kind)]
+
+
+class CuttingStream(trio.abc.Stream):
+    """Wraps the primary's real stream; on ``cut()``, forwards half of the next
+    send and then closes the connection (a link that dies mid-checkpoint)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.armed = False
+        self.cut_done = trio.Event()
+
+        self.skip = 0
+
+    def cut(self, after: int = 0) -> None:
+        """Cut the next send (after letting ``after`` more sends through)."""
+        self.armed = True
+        self.skip = after
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.armed and self.skip:
+            self.skip -= 1
+        elif self.armed and not self.cut_done.is_set() and len(data) > 64:
+            await self.inner.send_all(memoryview(data)[: len(data) // 2])
+            await self.inner.aclose()
+            self.cut_done.set()
+            raise trio.BrokenResourceError("cut by the test")
+        if self.cut_done.is_set():
+            raise trio.BrokenResourceError("cut by the test")
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.cut_done.is_set():
+            raise trio.ClosedResourceError("cut by the test")
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@asynccontextmanager
+async def protected(spec: str, config: ProtectionConfig, *, console: ConsoleLog | None = None,
+                    wrap=lambda s: s, devices=()) -> AsyncIterator[Pair]:
+    listener = await transports.listen("tcp://127.0.0.1:0")
+    async with trio.open_nursery() as nursery:
+        domain = create_domain(spec)
+        await nursery.start(domain.run)
+        stream = wrap(await transports.connect(listener.url))
+        accepted = await listener.accept()
+        await listener.aclose()
+        backup = BackupSession(accepted, config=config, console=console)
+        for device in devices:
+            device.domain = domain
+        primary = PrimarySession(domain, stream, config=config, devices=devices)
+        pair = Pair(primary, backup, domain)
+        primary.events.add_callback(pair.primary_events.append)
+        backup.events.add_callback(pair.backup_events.append)
+
+        async def run_backup() -> None:
+            pair.outcome = await backup.run()
+            pair.backup_done.set()
+
+        nursery.start_soon(run_backup)
+        await nursery.start(primary.run)
+        try:
+            yield pair
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def wait_until(predicate, timeout: float = 60) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
+
+
+class RamSnapshots:
+    """A checkpoint device (a test double, not under test) that copies the primary's
+    RAM at ``preresume``: the guest is suspended and the checkpoint has been taken."""
+
+    name = "ram-snapshots"
+    max_inflight = 1 << 20
+
+    def __init__(self) -> None:
+        self.domain: Domain | None = None
+        self.by_epoch: dict[int, bytes] = {}
+
+    async def setup(self) -> None: ...
+    async def postsuspend(self, epoch: int) -> None: ...
+
+    async def preresume(self, epoch: int) -> None:
+        assert self.domain is not None
+        self.by_epoch[epoch] = bytes(self.domain.ram)
+
+    async def commit(self, epoch: int) -> int:
+        return 0
+
+    async def release_all(self) -> None: ...
+    async def teardown(self) -> None: ...
+
+
+@pytest.mark.parametrize("codec", ["raw", "delta"])
+async def test_verify_replica_equals_primary_at_every_checkpoint(codec: str) -> None:
+    config = ProtectionConfig(interval_ms=10, codec=codec, verify=True)
+    spec = "microvm:workload=dirty,memory=8M,ws=2M,rate=4000,pattern=hotset"
+    snapshots = RamSnapshots()
+    compared: list[int] = []
+    mismatched: list[int] = []
+    async with protected(spec, config, devices=[snapshots]) as pair:
+
+        def compare(event: Event) -> None:
+            # Runs right after the backup applied the checkpoint, before the next one.
+            if isinstance(event, CheckpointApplied):
+                primary_ram = snapshots.by_epoch.pop(event.epoch)
+                (compared if pair.backup.replica == primary_ram else mismatched).append(
+                    event.epoch)
+
+        pair.backup.events.add_callback(compare)
+        await wait_until(lambda: len(compared) + len(mismatched) >= 100)
+        assert mismatched == []
+        applied = pair.of(CheckpointApplied, "backup")
+        # Every applied checkpoint also matched the primary's RAM digest (--verify).
+        assert len(applied) >= 100 and all(e.verified for e in applied)
+        assert sum(e.dirty_pages for e in pair.of(CheckpointAcked)[1:]) > 100
+        pair.primary.stop()
+        await pair.backup_done.wait()
+        assert pair.outcome is BackupOutcome.ENDED
+
+
+async def test_stream_cut_mid_checkpoint_fails_over_to_the_previous_one() -> None:
+    config = ProtectionConfig(interval_ms=20, codec="delta", verify=True)
+    spec = "microvm:workload=counter,memory=8M,interval_ms=10"
+    cutter: list[CuttingStream] = []
+
+    def wrap(stream: trio.abc.Stream) -> CuttingStream:
+        cutter.append(CuttingStream(stream))
+        return cutter[0]
+
+    console = ConsoleLog()
+    async with protected(spec, config, wrap=wrap, console=console) as pair:
+        await wait_until(lambda: len(pair.of(CheckpointAcked)) >= 10)
+        cutter[0].cut()
+        await wait_until(lambda: pair.of(FailoverComplete, "backup"))
+        started = pair.of(FailoverStarted, "backup")[0]
+        # The backup applied only complete checkpoints: the cut one was never applied.
+        applied = [e.epoch for e in pair.of(CheckpointApplied, "backup")]
+        assert started.epoch == applied[-1] == pair.backup.applied_epoch
+        await wait_until(lambda: pair.of(BackupLost))
+        # The failed-over guest runs and counts on.
+        await console.wait_until(lambda c: len(c.counters()) >= 3)
+        counts = console.counters()
+        assert counts == list(range(counts[0], counts[0] + len(counts)))
+
+
+async def test_cut_before_the_first_checkpoint_refuses_failover() -> None:
+    config = ProtectionConfig(interval_ms=20)
+    cutter: list[CuttingStream] = []
+
+    def wrap(stream: trio.abc.Stream) -> CuttingStream:
+        cutter.append(CuttingStream(stream))
+        cutter[0].cut(after=1)  # HELLO passes; the first (full) checkpoint is cut
+        return cutter[0]
+
+    async with protected("microvm:workload=counter,memory=8M", config, wrap=wrap) as pair:
+        await pair.backup_done.wait()
+        assert pair.outcome is BackupOutcome.REFUSED
+        assert "nothing to fail over to" in pair.of(FailoverRefused, "backup")[0].reason
+        assert pair.backup.domain is None
+
+
+async def test_blackhole_acks_every_checkpoint_at_once() -> None:
+    domain = create_domain("microvm:workload=dirty,memory=8M,ws=1M,rate=2000")
+    events: list[Event] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(domain.run)
+        session = PrimarySession(domain, None, config=ProtectionConfig(interval_ms=10))
+        session.events.add_callback(events.append)
+        await nursery.start(session.run)
+        await wait_until(lambda: len([e for e in events if isinstance(e, CheckpointAcked)]) >= 20)
+        session.stop()
+        await session.stopped.wait()
+        domain.stop()
+    acks = [e for e in events if isinstance(e, CheckpointAcked)]
+    assert [a.epoch for a in acks] == list(range(len(acks)))
+
+
+class FailingDevice(RamSnapshots):
+    """A device (test double) whose postsuspend fails at a given epoch."""
+
+    name = "flaky"
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+        self.released_all = False
+
+    async def postsuspend(self, epoch: int) -> None:
+        if epoch == self.fail_at:
+            raise OSError("the buffer broke")
+
+    async def preresume(self, epoch: int) -> None: ...
+
+    async def release_all(self) -> None:
+        self.released_all = True
+
+
+async def test_device_failure_stops_protection_loudly_and_the_guest_runs_on() -> None:
+    from tremus.engine.events import DeviceFailed
+
+    device = FailingDevice(fail_at=5)
+    config = ProtectionConfig(interval_ms=20)
+    async with protected("microvm:workload=counter,memory=8M,interval_ms=10", config,
+                         devices=[device]) as pair:
+        await wait_until(lambda: pair.of(BackupLost))
+        failed = pair.of(DeviceFailed)
+        assert failed and failed[0].device == "flaky" and "broke" in failed[0].message
+        assert device.released_all
+        await pair.backup_done.wait()
+        # The backup was told (END): no failover.
+        assert pair.outcome is BackupOutcome.ENDED
+        assert not pair.of(FailoverStarted, "backup")
+        acked = len(pair.of(CheckpointAcked))
+        await trio.sleep(0.3)
+        assert len(pair.of(CheckpointAcked)) == acked  # no more checkpoints
+        assert not pair.domain.suspended
