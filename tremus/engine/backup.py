@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import socket
 import time
-from typing import Any, final
+from typing import final
 
 import trio
 
@@ -24,6 +24,7 @@ from tremus.accel import impl
 from tremus.domains.base import ConsoleSink, Domain, DomainError
 from tremus.domains.registry import get_driver, restore_domain
 from tremus.engine import protocol as p
+from tremus.engine._link import Link
 from tremus.engine.config import ProtectionConfig
 from tremus.engine.events import (
     CheckpointApplied,
@@ -76,17 +77,15 @@ class BackupSession:
     ) -> None:
         self.config = config or ProtectionConfig()
         self.events = hub or EventHub()
-        self._stream = stream
         self._console = console
         self._peer = peer
         self._conn = p.BackupConnection(secret=self.config.auth_secret)
-        self._send_lock = trio.Lock()
+        self._link = Link(self._conn, stream, PrimaryFailed, "primary")
         self._hello: p.Hello | None = None
         self._replica: bytearray | None = None
         self._stager: p.CheckpointStager | None = None
         self._state: bytes | None = None
         self.applied_epoch: int | None = None
-        self._last_heard = trio.current_time()
         self._heartbeat_seq = 0
         self.host = socket.gethostname()
         #: The domain running here after a failover.
@@ -117,8 +116,7 @@ class BackupSession:
                 task_status.started(BackupOutcome.ENDED)
                 return BackupOutcome.ENDED
         finally:
-            with trio.CancelScope(shield=True):
-                await self._stream.aclose()
+            await self._link.aclose()
         if self._state is None or self._replica is None or self._hello is None:
             refused = FailoverRefused(
                 reason=f"{reason}; no complete checkpoint was received, nothing to fail over to")
@@ -144,19 +142,19 @@ class BackupSession:
                     nursery.cancel_scope.cancel()
 
     async def _handshake(self) -> str | None:
-        event = await self._next_event(self.config.heartbeat_timeout_ms / 1000 * 5)
+        event = await self._link.next_event(self.config.heartbeat_timeout_ms / 1000 * 5)
         if not isinstance(event, p.Hello):
             raise PrimaryFailed(f"expected HELLO, got {type(event).__name__}")
         try:
             get_driver(event.driver)
         except DomainError as exc:
-            await self._send(p.End(f"cannot rebuild this domain here: {exc}"))
+            await self._link.send(p.End(f"cannot rebuild this domain here: {exc}"))
             raise PrimaryFailed(f"refused the primary: {exc}") from None
         self._hello = event
         self._replica = bytearray(event.ram_size)
         self._stager = p.CheckpointStager(self._replica, page_size=event.page_size)
         features = tuple(f for f in event.features if f in p.SUPPORTED_FEATURES)
-        await self._send(p.Welcome(features=features))
+        await self._link.send(p.Welcome(features=features))
         self.events.emit(PrimaryConnected(peer=self._peer, domain=event.driver,
                                           ram_bytes=event.ram_size))
         return None
@@ -164,7 +162,7 @@ class BackupSession:
     async def _receive_loop(self) -> str | None:
         assert self._stager is not None and self._replica is not None
         while True:
-            event = await self._next_event(self.config.heartbeat_timeout_ms / 1000)
+            event = await self._link.next_event(self.config.heartbeat_timeout_ms / 1000)
             if isinstance(event, p.CheckpointBegin | p.Pages | p.State | p.CheckpointEnd):
                 try:
                     done = self._stager.feed(event)
@@ -197,43 +195,16 @@ class BackupSession:
         self._state = checkpoint.state
         self.applied_epoch = checkpoint.epoch
         apply_us = (time.perf_counter() - started) * 1e6
-        await self._send(p.Ack(checkpoint.epoch))
+        await self._link.send(p.Ack(checkpoint.epoch))
         self.events.emit(CheckpointApplied(epoch=checkpoint.epoch, pages=checkpoint.pages,
                                            bytes_received=len(checkpoint.data),
                                            apply_us=round(apply_us, 1), verified=verified))
-
-    async def _next_event(self, timeout: float) -> Any:
-        while True:
-            try:
-                event = self._conn.next_event()
-            except p.ProtocolError as exc:
-                raise PrimaryFailed(f"protocol error from the primary: {exc}") from exc
-            if event is not p.NEED_DATA:
-                return event
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    data = await self._stream.receive_some(1 << 20)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise PrimaryFailed(f"connection to the primary failed: {exc}") from exc
-            if scope.cancelled_caught:
-                raise PrimaryFailed(
-                    f"no word from the primary for {timeout * 1000:g} ms"
-                )
-            self._last_heard = trio.current_time()
-            self._conn.receive_data(data)
-
-    async def _send(self, event: p.Event) -> None:
-        async with self._send_lock:
-            try:
-                await self._stream.send_all(self._conn.send(event))
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise PrimaryFailed(f"sending to the primary failed: {exc}") from exc
 
     async def _heartbeat_loop(self) -> None:
         while True:
             await trio.sleep(self.config.heartbeat_ms / 1000)
             self._heartbeat_seq += 1
-            await self._send(p.Heartbeat(self._heartbeat_seq, time.time()))
+            await self._link.send(p.Heartbeat(self._heartbeat_seq, time.time()))
 
     # -- failover -------------------------------------------------------------------
     async def _failover(self, reason: str,
@@ -249,7 +220,7 @@ class BackupSession:
             announce = getattr(domain, "announce", None)
             if announce is not None:
                 announce()  # tell the network where the guest is now (gratuitous ARP)
-            downtime_ms = (trio.current_time() - self._last_heard) * 1000
+            downtime_ms = (trio.current_time() - self._link.last_received) * 1000
             complete = FailoverComplete(epoch=epoch, downtime_ms=round(downtime_ms, 1),
                                         host=self.host)
             self.events.emit(complete)

@@ -19,7 +19,6 @@ because of the backup: nothing in the pause waits on the network.
 
 from __future__ import annotations
 
-import math
 import socket
 import time
 from array import array
@@ -33,6 +32,7 @@ from tremus._groups import collapse_groups, leaves
 from tremus.accel import impl
 from tremus.domains.base import Domain
 from tremus.engine import protocol as p
+from tremus.engine._link import Link
 from tremus.engine.config import ProtectionConfig
 from tremus.engine.devices import CheckpointDevice, DeviceError, DeviceRunner
 from tremus.engine.events import (
@@ -49,9 +49,6 @@ from tremus.engine.events import (
 from tremus.transports.codec import DeltaCodec, RawCodec, split_batches
 
 __all__ = ["BackupLostError", "PrimarySession"]
-
-_COALESCE = 64 * 1024
-
 
 class BackupLostError(Exception):
     """The backup is gone; the message says why."""
@@ -101,15 +98,14 @@ class PrimarySession:
         self._backup_name = backup_name or ("blackhole" if stream is None else "backup")
         self._conn = p.PrimaryConnection(
             secret=self.config.auth_secret if stream is not None else None)
+        self._link = Link(self._conn, stream, BackupLostError, "backup")
         geometry = domain.geometry
         self._page_size = geometry.page_size
         self._staging = bytearray(geometry.ram_size)
         self._all_pfns = array("Q", range(geometry.pages)).tobytes()
         self._codec: DeltaCodec | RawCodec = RawCodec(self._page_size)
-        self._send_lock = trio.Lock()
         self._inflight: dict[int, _Inflight] = {}
         self._inflight_changed = trio.Event()
-        self._last_sent = 0.0
         self._heartbeat_seq = 0
         self._ram_digest = 0
         self._stop = trio.Event()
@@ -165,8 +161,7 @@ class PrimarySession:
                 await self._say_end(self._stop_reason)
         finally:
             with trio.CancelScope(shield=True):
-                if self._stream is not None:
-                    await self._stream.aclose()
+                await self._link.aclose()
                 await self._devices.teardown()
             self.protected = False
             self.stopped.set()
@@ -180,11 +175,11 @@ class PrimarySession:
         hello = p.Hello(driver=self.domain.driver, ram_size=geometry.ram_size,
                         page_size=geometry.page_size, config=dict(self.domain.config),
                         features=features)
-        await self._send_parts(self._conn.send_parts(hello))
+        await self._link.send_parts(self._conn.send_parts(hello))
         if self._stream is None:  # blackhole: the backup's answers are made up here
-            self._conn.receive_data(p.encode_frame(p.Welcome(features=features)))
+            self._link.feed(p.Welcome(features=features))
         with trio.move_on_after(self.config.heartbeat_timeout_ms / 1000 * 5) as scope:
-            event = await self._next_event()
+            event = await self._link.next_event()
         if scope.cancelled_caught:
             raise BackupLostError("the backup did not answer HELLO")
         if isinstance(event, p.End):
@@ -237,7 +232,7 @@ class PrimarySession:
             resumed_at = trio.current_time()
             await self._send_checkpoint(epoch, epoch == 0, pfns, state, pause_us, kick_us)
             if self._stream is None:
-                self._conn.receive_data(p.encode_frame(p.Ack(epoch)))
+                self._link.feed(p.Ack(epoch))
                 event = self._conn.next_event()
                 assert isinstance(event, p.Ack), event
                 await self._on_ack(event.epoch)
@@ -282,7 +277,7 @@ class PrimarySession:
         sent = sum(len(part) for part in parts)
         self._inflight[epoch] = _Inflight(epoch, count, pause_us, kick_us, sent,
                                           count * self._page_size, trio.current_time())
-        await self._send_parts(parts)
+        await self._link.send_parts(parts)
         self.events.emit(CheckpointSent(epoch=epoch, dirty_pages=count, bytes_sent=sent,
                                         pause_us=round(pause_us, 1)))
 
@@ -310,7 +305,7 @@ class PrimarySession:
     # -- the backup's side of the stream --------------------------------------------
     async def _receive_loop(self) -> None:
         while True:
-            event = await self._next_event(self.config.heartbeat_timeout_ms / 1000)
+            event = await self._link.next_event(self.config.heartbeat_timeout_ms / 1000)
             if isinstance(event, p.Ack):
                 await self._on_ack(event.epoch)
             elif isinstance(event, p.End):
@@ -318,69 +313,21 @@ class PrimarySession:
             elif isinstance(event, p.ConnectionClosed):
                 raise BackupLostError("the backup closed the connection")
 
-    async def _next_event(self, timeout: float = math.inf) -> p.Event:
-        while True:
-            try:
-                event = self._conn.next_event()
-            except p.ProtocolError as exc:
-                raise BackupLostError(f"protocol error from the backup: {exc}") from exc
-            if event is not p.NEED_DATA:
-                return event
-            assert self._stream is not None, "blackhole answers are fed before they are read"
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    data = await self._stream.receive_some(1 << 16)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise BackupLostError(f"connection to the backup failed: {exc}") from exc
-            if scope.cancelled_caught:
-                raise BackupLostError(
-                    f"no word from the backup for {self.config.heartbeat_timeout_ms:g} ms"
-                )
-            self._conn.receive_data(data)
-
     async def _heartbeat_loop(self) -> None:
         period = self.config.heartbeat_ms / 1000
         while True:
             await trio.sleep(period)
-            if trio.current_time() - self._last_sent >= period and not self._send_lock.locked():
+            if trio.current_time() - self._link.last_sent >= period and not self._link.sending:
                 self._heartbeat_seq += 1
-                await self._send_parts(self._conn.send_parts(
+                await self._link.send_parts(self._conn.send_parts(
                     p.Heartbeat(self._heartbeat_seq, time.time())))
-
-    async def _send_parts(self, parts: Sequence[p.BytesLike]) -> int:
-        """Send frame pieces in order, small ones coalesced; returns bytes sent."""
-        if self._stream is None:
-            return sum(len(part) for part in parts)
-        total = 0
-        async with self._send_lock:
-            pending: list[p.BytesLike] = []
-            pending_len = 0
-            try:
-                for part in list(parts) + [b""]:
-                    if len(part) < _COALESCE and part:
-                        pending.append(part)
-                        pending_len += len(part)
-                        if pending_len < _COALESCE:
-                            continue
-                        part = b""
-                    if pending:
-                        await self._stream.send_all(b"".join(pending))
-                        total += pending_len
-                        pending, pending_len = [], 0
-                    if part:
-                        await self._stream.send_all(part)
-                        total += len(part)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                raise BackupLostError(f"sending to the backup failed: {exc}") from exc
-            self._last_sent = trio.current_time()
-        return total
 
     async def _say_end(self, reason: str) -> None:
         if self._stream is None or self._lost is not None:
             return
         with trio.move_on_after(self.config.heartbeat_timeout_ms / 1000):
             try:
-                await self._send_parts(self._conn.send_parts(p.End(reason)))
+                await self._link.send_parts(self._conn.send_parts(p.End(reason)))
             except (BackupLostError, p.ProtocolError):
                 pass
 

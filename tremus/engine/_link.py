@@ -1,0 +1,110 @@
+"""One end of a checkpoint stream: a sans-IO connection driven over a Trio stream.
+
+Both roles need the same I/O around the protocol core: read until the connection
+yields an event (with a silence timeout), send frames whole and in order from
+several tasks, and turn every I/O or protocol failure into the role's own "peer
+lost" error with a message that says what happened.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import final
+
+import trio
+
+from tremus.engine import protocol as p
+
+__all__ = ["Link"]
+
+_COALESCE = 64 * 1024
+_IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@final
+class Link:
+    """Drives ``conn`` over ``stream``; ``stream=None`` swallows sends (blackhole).
+
+    Args:
+        conn: the sans-IO connection of this side.
+        stream: the transport, or None.
+        lost: the exception raised when the peer is gone or misbehaves.
+        peer: how the peer is named in messages ("backup", "primary").
+    """
+
+    def __init__(self, conn: p.PrimaryConnection | p.BackupConnection,
+                 stream: trio.abc.Stream | None, lost: type[Exception], peer: str) -> None:
+        self.conn = conn
+        self.stream = stream
+        self._lost = lost
+        self._peer = peer
+        self._send_lock = trio.Lock()
+        #: trio.current_time() of the last byte received / frame sent.
+        self.last_received = trio.current_time()
+        self.last_sent = 0.0
+
+    @property
+    def sending(self) -> bool:
+        return self._send_lock.locked()
+
+    def feed(self, event: p.Event) -> None:
+        """Hand the connection a frame as if the peer had sent it (blackhole answers)."""
+        self.conn.receive_data(p.encode_frame(event))
+
+    async def next_event(self, timeout: float = math.inf) -> p.Event:
+        """The next event from the peer; ``lost`` on silence past ``timeout`` seconds."""
+        while True:
+            try:
+                event = self.conn.next_event()
+            except p.ProtocolError as exc:
+                raise self._lost(f"protocol error from the {self._peer}: {exc}") from exc
+            if event is not p.NEED_DATA:
+                return event
+            if self.stream is None:
+                raise self._lost(f"no {self._peer} to hear from (blackhole)")
+            with trio.move_on_after(timeout) as scope:
+                try:
+                    data = await self.stream.receive_some(1 << 20)
+                except _IO_ERRORS as exc:
+                    raise self._lost(f"connection to the {self._peer} failed: {exc}") from exc
+            if scope.cancelled_caught:
+                raise self._lost(f"no word from the {self._peer} for {timeout * 1000:g} ms")
+            self.last_received = trio.current_time()
+            self.conn.receive_data(data)
+
+    async def send(self, event: p.Event) -> int:
+        return await self.send_parts(self.conn.send_parts(event))
+
+    async def send_parts(self, parts: Sequence[p.BytesLike]) -> int:
+        """Send frame pieces in order, small ones coalesced; returns bytes sent."""
+        if self.stream is None:
+            return sum(len(part) for part in parts)
+        total = 0
+        async with self._send_lock:
+            pending: list[p.BytesLike] = []
+            pending_len = 0
+            try:
+                for part in [*parts, b""]:
+                    if 0 < len(part) < _COALESCE:
+                        pending.append(part)
+                        pending_len += len(part)
+                        if pending_len < _COALESCE:
+                            continue
+                        part = b""
+                    if pending:
+                        await self.stream.send_all(b"".join(pending))
+                        total += pending_len
+                        pending, pending_len = [], 0
+                    if part:
+                        await self.stream.send_all(part)
+                        total += len(part)
+            except _IO_ERRORS as exc:
+                raise self._lost(f"sending to the {self._peer} failed: {exc}") from exc
+            self.last_sent = trio.current_time()
+        return total
+
+    async def aclose(self) -> None:
+        if self.stream is not None:
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
