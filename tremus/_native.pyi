@@ -62,6 +62,14 @@ def kvm_run(vcpu_fd: int) -> int:
 def get_dirty_log(vm_fd: int, slot: int, bitmap: Buffer) -> None:
     """KVM_GET_DIRTY_LOG for ``slot`` into the writable ``bitmap``; OSError on failure."""
 
+def kvm_get_vcpu_state(vcpu_fd: int) -> tuple[bytes, bytes, bytes]:
+    """KVM_GET_REGS, KVM_GET_SREGS and KVM_GET_FPU in one call; OSError on failure."""
+
+def kvm_wait_run(wait_fd: int, vcpu_fd: int) -> tuple[int, int]:
+    """Wait (GIL released) until the eventfd ``wait_fd`` is written, then KVM_RUN at
+    once (skipped if ``vcpu_fd`` < 0). Returns (0 or -errno, CLOCK_MONOTONIC ns at the
+    end of the wait)."""
+
 def install_kick_handler(signum: int) -> None:
     """Install a no-op handler for ``signum`` without SA_RESTART (process-wide)."""
 

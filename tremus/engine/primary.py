@@ -255,7 +255,15 @@ class PrimarySession:
                 await self._devices.preresume(epoch)
             finally:
                 await domain.resume()
-                pause_us = (time.perf_counter() - stopped) * 1e6
+                resumed = time.perf_counter()
+        # From "vCPU stopped" to "vCPU released", by the domain's own timestamps if
+        # it keeps them (the micro-VM does), else as seen from here.
+        stopped_ns = getattr(domain, "stopped_at_ns", 0)
+        released_ns = getattr(domain, "released_at_ns", 0)
+        if stopped_ns and released_ns > stopped_ns:
+            pause_us = (released_ns - stopped_ns) / 1e3
+        else:
+            pause_us = (resumed - stopped) * 1e6
         kick_us = getattr(domain, "kick_latency_ns", 0) / 1000
         return pfns, state, pause_us, kick_us
 

@@ -8,6 +8,10 @@
 #include "tremus_native.h"
 
 #include <errno.h>
+#include <poll.h>
+#include <stdint.h>
+#include <time.h>
+#include <unistd.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stddef.h>
@@ -129,4 +133,92 @@ PyObject *tn_buffer_address(PyObject *self, PyObject *args, PyObject *kw) {
     PyObject *r = PyLong_FromVoidPtr(b.buf);
     PyBuffer_Release(&b);
     return r;
+}
+
+/* The vCPU's registers in one call: kvm_regs, kvm_sregs and kvm_fpu, concatenated.
+ * This runs inside the checkpoint pause, so it avoids three Python round trips. */
+PyObject *tn_kvm_get_vcpu_state(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"vcpu_fd", NULL};
+    struct {
+        struct kvm_regs regs;
+        struct kvm_sregs sregs;
+        struct kvm_fpu fpu;
+    } s;
+    int fd, rc = 0, err = 0;
+    const char *what = "";
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "i:kvm_get_vcpu_state", kwlist, &fd))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if ((rc = ioctl(fd, KVM_GET_REGS, &s.regs)) < 0)
+        what = "KVM_GET_REGS";
+    else if ((rc = ioctl(fd, KVM_GET_SREGS, &s.sregs)) < 0)
+        what = "KVM_GET_SREGS";
+    else if ((rc = ioctl(fd, KVM_GET_FPU, &s.fpu)) < 0)
+        what = "KVM_GET_FPU";
+    if (rc < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        errno = err;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, what);
+    }
+    PyObject *out = PyTuple_New(3);
+    if (out == NULL)
+        return NULL;
+    PyObject *parts[3] = {
+        PyBytes_FromStringAndSize((const char *)&s.regs, sizeof s.regs),
+        PyBytes_FromStringAndSize((const char *)&s.sregs, sizeof s.sregs),
+        PyBytes_FromStringAndSize((const char *)&s.fpu, sizeof s.fpu),
+    };
+    for (int i = 0; i < 3; i++) {
+        if (parts[i] == NULL) {
+            Py_DECREF(out);
+            for (int j = i + 1; j < 3; j++)
+                Py_XDECREF(parts[j]);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(out, i, parts[i]);
+    }
+    return out;
+}
+
+/* Park a vCPU thread until ``wait_fd`` (an eventfd) is written, then enter KVM_RUN
+ * at once, all without the GIL: a resumed guest runs again without waiting for the
+ * interpreter lock, which the controlling thread may hold for a while. With
+ * ``vcpu_fd`` < 0 it only waits. Returns (KVM_RUN result or -errno, CLOCK_MONOTONIC
+ * ns when the wait ended). */
+PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"wait_fd", "vcpu_fd", NULL};
+    int wait_fd, vcpu_fd, rc = 0, err = 0;
+    struct timespec ts;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "ii:kvm_wait_run", kwlist, &wait_fd, &vcpu_fd))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        uint64_t value;
+        struct pollfd pfd = {.fd = wait_fd, .events = POLLIN};
+        if (poll(&pfd, 1, -1) < 0 && errno != EINTR) {
+            rc = -1;
+            err = errno;
+            break;
+        }
+        if (read(wait_fd, &value, sizeof value) == (ssize_t)sizeof value)
+            break;
+        if (errno != EAGAIN && errno != EINTR) {
+            rc = -1;
+            err = errno;
+            break;
+        }
+    }
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    if (rc == 0 && vcpu_fd >= 0) {
+        rc = ioctl(vcpu_fd, KVM_RUN, 0);
+        if (rc < 0)
+            err = errno;
+    }
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("(lL)", rc < 0 ? -(long)err : (long)rc,
+                         (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
 }

@@ -82,6 +82,8 @@ PyObject *tn_delta_decode(PyObject *self, PyObject *args, PyObject *kw);
 /* kvm.c */
 PyObject *tn_kvm_run(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_kvm_get_vcpu_state(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_install_kick_handler(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kick(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_buffer_address(PyObject *self, PyObject *args, PyObject *kw);

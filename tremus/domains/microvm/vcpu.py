@@ -9,7 +9,11 @@ import os
 import struct
 from typing import final
 
+from tremus.accel import native
 from tremus.domains.microvm import _kvm, abi
+
+assert native is not None, "the micro-VM needs the native helper"
+native_get_state = native.kvm_get_vcpu_state
 
 _IO = struct.Struct("<BBHIQ")
 
@@ -68,11 +72,8 @@ class Vcpu:
         self.set(_kvm.KVM_SET_REGS, regs)
 
     def save(self) -> dict[str, bytes]:
-        return {
-            "regs": bytes(self.get(_kvm.KVM_GET_REGS, _kvm.Regs)),
-            "sregs": bytes(self.get(_kvm.KVM_GET_SREGS, _kvm.Sregs)),
-            "fpu": bytes(self.get(_kvm.KVM_GET_FPU, _kvm.Fpu)),
-        }
+        regs, sregs, fpu = native_get_state(self.fd)
+        return {"regs": regs, "sregs": sregs, "fpu": fpu}
 
     def restore(self, state: dict[str, bytes]) -> None:
         for key, struct_type, request in (

@@ -39,6 +39,7 @@ STATE_FORMAT = "tremus-microvm"
 STATE_VERSION = 1
 KICK_SIGNAL = signal.SIGRTMIN + 3
 _kick_handler_installed = False
+_NOT_RUN = 1 << 40  # _park_if_requested: the vCPU was not run on release
 
 
 def guest_image() -> bytes:
@@ -134,11 +135,16 @@ class MicroVM:
         #: perf_counter_ns() when the vCPU last parked / left the park.
         self.stopped_at_ns = 0
         self.resumed_at_ns = 0
+        #: perf_counter_ns() when resume() released the parked vCPU.
+        self.released_at_ns = 0
         #: Time from the suspend request to the vCPU being parked, last suspend.
         self.kick_latency_ns = 0
         # Ends a HLT wait early: written by suspend/stop/wake (the NIC's TAP fd too).
         self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._fds.append(self._event_fd)
+        # Written by resume()/stop() to release a parked vCPU (see _park_if_requested).
+        self._resume_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._fds.append(self._resume_fd)
         self._poller = select.poll()
         self._poller.register(self._event_fd, select.POLLIN)
         #: The paravirtual NIC (``tap=``), or None.
@@ -317,7 +323,9 @@ class MicroVM:
     async def resume(self) -> None:
         with self._cond:
             self._want_pause = False
-            self._cond.notify_all()
+            if not self._closed:
+                os.eventfd_write(self._resume_fd, 1)
+            self.released_at_ns = time.perf_counter_ns()
         await trio.lowlevel.checkpoint()
 
     def stop(self) -> None:
@@ -328,9 +336,14 @@ class MicroVM:
         self._poke()
         if thread_id is not None and not self._closed:
             try:
+                # immediate_exit before the release below: a parked vCPU that is let
+                # go into KVM_RUN leaves it at once.
                 self._native.kick(thread_id, self._vcpu.run, KICK_SIGNAL)
             except (ValueError, OSError):
                 pass  # the thread already left
+        with self._cond:
+            if not self._closed:
+                os.eventfd_write(self._resume_fd, 1)
 
     def wake(self) -> None:
         """End a HLT early (a device has something for the guest)."""
@@ -396,10 +409,14 @@ class MicroVM:
     def _vcpu_loop(self) -> None:
         run_vcpu = self._native.kvm_run
         fd = self._vcpu.fd
-        while self._park_if_requested():
-            if self._halted and not self._wait_halted():
-                continue
-            rc = run_vcpu(fd)
+        while True:
+            rc = self._park_if_requested()
+            if rc is None:
+                return
+            if rc is _NOT_RUN:
+                if self._halted and not self._wait_halted():
+                    continue
+                rc = run_vcpu(fd)
             if rc == -errno.EINTR:
                 self._vcpu.clear_immediate_exit()
                 continue
@@ -416,18 +433,38 @@ class MicroVM:
             if self.exit_port.code is not None:
                 return
 
-    def _park_if_requested(self) -> bool:
+    def _park_if_requested(self) -> int | None:
+        """Park while a pause is requested. None: stop. Otherwise the result of the
+        KVM_RUN that the release entered directly, or ``_NOT_RUN``.
+
+        A parked vCPU waits in C, without the GIL, and enters KVM_RUN the moment
+        ``resume()`` writes the resume eventfd: the guest's pause ends then, not
+        whenever this thread next gets the interpreter lock.
+        """
         with self._cond:
-            if self._want_pause and not self._want_stop:
-                self._parked = True
-                self.stopped_at_ns = time.perf_counter_ns()
-                assert self._token is not None
-                self._token.run_sync_soon(self._parked_event.set)
-                while self._want_pause and not self._want_stop:
-                    self._cond.wait()
+            if self._want_stop:
+                return None
+            if not self._want_pause:
+                return _NOT_RUN
+            try:
+                os.eventfd_read(self._resume_fd)  # drop a release meant for an earlier park
+            except BlockingIOError:
+                pass
+            self._parked = True
+            self.stopped_at_ns = time.perf_counter_ns()
+            assert self._token is not None
+            self._token.run_sync_soon(self._parked_event.set)
+        while True:
+            run_fd = -1 if self._halted else self._vcpu.fd
+            rc, self.resumed_at_ns = self._native.kvm_wait_run(self._resume_fd, run_fd)
+            with self._cond:
+                if self._want_stop:
+                    self._parked = False
+                    return None
+                if self._want_pause and run_fd < 0:
+                    continue  # not released yet (a stale wakeup)
                 self._parked = False
-                self.resumed_at_ns = time.perf_counter_ns()
-            return not self._want_stop
+            return _NOT_RUN if run_fd < 0 else rc
 
     def _wait_halted(self) -> bool:
         """Sleep through a HLT until its deadline, a wakeup or a frame for the NIC;
