@@ -22,22 +22,19 @@ Used by ``tests/test_output_commit.py``, ``tests/test_failover_clients.py`` and
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from tremus._groups import collapse_groups
+from tremus.testing.procs import TremusProcess, start_tremus, tremus_argv
 from tremus.testing.topology import Topology, cleanup_stale
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,107 +44,14 @@ BACKUP_PORT = 7400
 TAP = "tg0"
 
 
-class NsProcess:
-    """A ``python -m tremus.cli ... --json`` child in a netns; its events, as they come."""
-
-    def __init__(self, process: trio.Process, name: str) -> None:
-        self.process = process
-        self.name = name
-        self.events: list[dict[str, Any]] = []
-        self.stderr = b""
-        self.exited = trio.Event()
-        self._changed = trio.Event()
-
-    async def _pump(self) -> None:
-        assert self.process.stdout is not None
-        buffer = b""
-        async for chunk in self.process.stdout:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    try:
-                        self.events.append(json.loads(line))
-                    except ValueError:
-                        self.events.append({"event": "garbage", "line": line.decode("replace")})
-            self._wake()
-        self._wake()
-
-    async def _pump_stderr(self) -> None:
-        assert self.process.stderr is not None
-        async for chunk in self.process.stderr:
-            self.stderr += chunk
-
-    async def _wait(self) -> None:
-        await self.process.wait()
-        self.exited.set()
-        self._wake()
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    def of(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == name]
-
-    async def wait_for(self, predicate: Callable[[NsProcess], Any], *, timeout: float = 60,
-                       what: str = "a condition") -> Any:
-        with trio.move_on_after(timeout):
-            while True:
-                result = predicate(self)
-                if result:
-                    return result
-                if self.exited.is_set():
-                    break
-                await self._changed.wait()
-        raise AssertionError(
-            f"{self.name}: no {what} (exit={self.process.returncode}); "
-            f"last events={self.events[-5:]} stderr={self.stderr.decode()[-2000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL the process group (the ``ip netns exec`` wrapper, if any, and python)."""
-        if self.process.returncode is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-# `python -m tremus.cli ARGS`, plus a watchdog: if the test process dies without
-# killing its children (SIGKILL, a hard timeout), they exit instead of running on
-# in namespaces nobody will delete them from.
-_BOOT = """
-import os, sys, threading, time
-parent = os.getppid()
-def watch():
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(137)
-threading.Thread(target=watch, daemon=True).start()
-sys.argv[0] = "tremus"
-from tremus.cli import main
-sys.exit(main())
-"""
-
-
-def _tremus_argv(args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-c", _BOOT, *args]
+NsProcess = TremusProcess
 
 
 async def start_in(nursery: trio.Nursery, topo: Topology, host: str, name: str,
                    *args: str) -> NsProcess:
     """Start ``tremus ARGS`` inside ``host`` in a new session; collect its events."""
-    process = await trio.lowlevel.open_process(
-        ["ip", "netns", "exec", topo.netns(host), *_tremus_argv(args)],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        start_new_session=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
-    )
-    child = NsProcess(process, name)
-    nursery.start_soon(child._pump)
-    nursery.start_soon(child._pump_stderr)
-    nursery.start_soon(child._wait)
-    return child
+    return await start_tremus(nursery, name, *args, wrapper=["ip", "netns", "exec", topo.netns(host)],
+                              own_session=True, env={"PYTHONPATH": str(REPO)})
 
 
 async def run_in(topo: Topology, host: str, *args: str, timeout: float = 60
@@ -155,7 +59,7 @@ async def run_in(topo: Topology, host: str, *args: str, timeout: float = 60
     """Run ``tremus ARGS`` inside ``host`` to completion (output captured)."""
     with trio.fail_after(timeout):
         return await trio.run_process(
-            ["ip", "netns", "exec", topo.netns(host), *_tremus_argv(args)],
+            ["ip", "netns", "exec", topo.netns(host), *tremus_argv(args)],
             stdin=subprocess.DEVNULL, capture_stdout=True, capture_stderr=True, check=False,
             env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)},
         )

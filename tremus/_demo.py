@@ -8,14 +8,13 @@ on the backup from its last acknowledged checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
-import subprocess
 import sys
 from typing import Any, TextIO
 
 import trio
+
+from tremus.testing.procs import TremusProcess, start_tremus
 
 __all__ = ["run_demo"]
 
@@ -26,58 +25,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class _Child:
-    def __init__(self, name: str, process: trio.Process) -> None:
-        self.name = name
-        self.process = process
-        self.events: list[dict[str, Any]] = []
-        self.changed = trio.Event()
-        self.stderr = b""
-
-    async def pump(self, show: Any) -> None:
-        assert self.process.stdout is not None
-        buffer = b""
-        async for chunk in self.process.stdout:
-            buffer += chunk
-            *lines, buffer = buffer.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    event = json.loads(line)
-                    self.events.append(event)
-                    show(self.name, event)
-            self.changed.set()
-            self.changed = trio.Event()
-
-    async def pump_stderr(self) -> None:
-        assert self.process.stderr is not None
-        async for chunk in self.process.stderr:
-            self.stderr += chunk
-
-    async def wait_for(self, name: str, count: int = 1, timeout: float = 60) -> dict[str, Any]:
-        with trio.fail_after(timeout):
-            while True:
-                found = [e for e in self.events if e["event"] == name]
-                if len(found) >= count:
-                    return found[count - 1]
-                if self.process.returncode is not None:
-                    raise RuntimeError(
-                        f"the {self.name} exited ({self.process.returncode}): "
-                        f"{self.stderr.decode(errors='replace').strip()[-500:]}")
-                await self.changed.wait()
-
-
-async def _start(nursery: trio.Nursery, name: str, args: list[str], show: Any) -> _Child:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tremus.cli", *args, "--json"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    child = _Child(name, process)
-    nursery.start_soon(child.pump, show)
-    nursery.start_soon(child.pump_stderr)
-    return child
-
-
 async def run_demo(seconds: float, as_json: bool, out: TextIO = sys.stdout) -> int:
     """Returns 0 when the counter continued on the backup from the last acked checkpoint."""
 
@@ -86,7 +33,8 @@ async def run_demo(seconds: float, as_json: bool, out: TextIO = sys.stdout) -> i
             out.write(text + "\n")
             out.flush()
 
-    def show(who: str, event: dict[str, Any]) -> None:
+    def show(child: TremusProcess, event: dict[str, Any]) -> None:
+        who = child.name
         if as_json:
             out.write(json.dumps({"who": who, **event}) + "\n")
             out.flush()
@@ -107,21 +55,27 @@ async def run_demo(seconds: float, as_json: bool, out: TextIO = sys.stdout) -> i
     say(f"tremus demo: a counter micro-VM protected over tcp://127.0.0.1:{port}")
     ok = False
     async with trio.open_nursery() as nursery:
-        backup = await _start(nursery, "backup", ["backup", "--listen", f"127.0.0.1:{port}"], show)
-        primary: _Child | None = None
+        backup = await start_tremus(nursery, "backup", "backup", "--listen",
+                                    f"127.0.0.1:{port}", "--json")
+        backup.on_event(show)
+        primary: TremusProcess | None = None
         try:
-            await backup.wait_for("backup_ready")
-            primary = await _start(nursery, "primary", [
-                "protect", "--domain", spec, "--backup", f"127.0.0.1:{port}", "--interval", "50",
-            ], show)
-            await primary.wait_for("protection_started")
+            await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+            primary = await start_tremus(nursery, "primary", "protect", "--domain", spec,
+                                         "--backup", f"127.0.0.1:{port}", "--interval", "50",
+                                         "--json")
+            primary.on_event(show)
+            await primary.wait_for(lambda p: p.of("protection_started"),
+                                   what="protection_started")
             await trio.sleep(seconds)
             last_ack = [e for e in primary.events if e["event"] == "checkpoint_acked"][-1]
             say(f"tremus demo: SIGKILL the primary (last acked checkpoint: {last_ack['epoch']})")
-            primary.process.send_signal(signal.SIGKILL)
-            complete = await backup.wait_for("failover_complete")
-            before = len([e for e in backup.events if e["event"] == "console"])
-            await backup.wait_for("console", before + 3)
+            primary.kill()
+            complete = (await backup.wait_for(lambda b: b.of("failover_complete"),
+                                              what="failover_complete"))[0]
+            before = len(backup.of("console"))
+            await backup.wait_for(lambda b: len(b.of("console")) >= before + 3,
+                                  what="the guest's console on the backup")
             lines = [e["line"] for e in primary.events if e["event"] == "console"]
             resumed = [e["line"] for e in backup.events if e["event"] == "console"]
             say(f"tremus demo: the primary's guest last printed {lines[-1]!r}; on the backup it "
@@ -132,8 +86,8 @@ async def run_demo(seconds: float, as_json: bool, out: TextIO = sys.stdout) -> i
             ok = 1 < first <= last + 1
         finally:
             for child in (primary, backup):
-                if child is not None and child.process.returncode is None:
-                    child.process.send_signal(signal.SIGKILL)
+                if child is not None:
+                    child.kill()
             nursery.cancel_scope.cancel()
     say("tremus demo: " + ("OK" if ok else "FAILED: the counter did not continue"))
     return 0 if ok else 1
