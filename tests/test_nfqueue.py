@@ -260,6 +260,24 @@ async def test_teardown_removes_rules_even_after_errors(wire: Wire) -> None:
 
 
 @needs_root
+async def test_rule_left_by_a_killed_primary_is_taken_over(wire: Wire) -> None:
+    # What a SIGKILLed primary leaves: its rule, fail-closed, with nothing bound.
+    rule = ["FORWARD", "-m", "physdev", "--physdev-in", "tg0", "-j", "NFQUEUE",
+            "--queue-num", str(QUEUE)]
+    wire.topo.run("primary", ["iptables", "-w", "-I", *rule])
+    wire.send(b"dropped")
+    await wire.expect_nothing()
+    async with NfqueueBuffer("tg0", QUEUE, netns=wire.netns) as buf:
+        await buf.setup()
+        assert wire.rules().count("NFQUEUE") == 1
+        await buf.release_all()
+        await buf.teardown()
+    assert "NFQUEUE" not in wire.rules()
+    wire.send(b"flows")
+    await wire.expect(b"flows")
+
+
+@needs_root
 async def test_queue_bound_elsewhere_fails_clearly_and_leaves_nothing(wire: Wire) -> None:
     async with NfqueueBuffer("tg0", QUEUE, netns=wire.netns) as first:
         await first.setup()

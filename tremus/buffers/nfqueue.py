@@ -452,6 +452,13 @@ class NfqueueBuffer:
             raise NfqueueSetupError(f"{self.name}: `{' '.join(argv)}` failed: {err}")
 
     async def _add_rule(self, binary: str) -> None:
+        # A primary that was SIGKILLed left its rule behind (fail-closed, as it must):
+        # take over any copies of ours so that teardown leaves none.
+        for _ in range(64):
+            try:
+                await self._iptables(binary, "-D", self._rule())
+            except NfqueueSetupError:
+                break
         await self._iptables(binary, "-I", self._rule())
         self._rules.append([binary, *self._rule()])
 
