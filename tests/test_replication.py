@@ -24,7 +24,7 @@ from tremus.engine.events import (
     FailoverRefused,
     FailoverStarted,
 )
-from tremus.engine.primary import PrimarySession
+from tremus.engine.primary import BackupLostError, PrimarySession
 
 pytestmark = needs_kvm
 
@@ -269,3 +269,29 @@ async def test_device_failure_stops_protection_loudly_and_the_guest_runs_on() ->
         await trio.sleep(0.3)
         assert len(pair.of(CheckpointAcked)) == acked  # no more checkpoints
         assert not pair.domain.suspended
+
+
+async def test_wrong_secret_is_refused_before_anything_is_staged() -> None:
+    listener = await transports.listen("tcp://127.0.0.1:0")
+    async with trio.open_nursery() as nursery:
+        domain = create_domain("microvm:workload=counter,memory=4M")
+        await nursery.start(domain.run)
+        stream = await transports.connect(listener.url)
+        accepted = await listener.accept()
+        backup = BackupSession(accepted, config=ProtectionConfig(auth_secret=b"right"))
+        primary = PrimarySession(domain, stream, config=ProtectionConfig(auth_secret=b"wrong"))
+        outcome: list[BackupOutcome] = []
+
+        async def run_backup() -> None:
+            outcome.append(await backup.run())
+
+        nursery.start_soon(run_backup)
+        with pytest.raises(BackupLostError, match="refused protection.*authentication failed"):
+            await primary.run()
+        with trio.fail_after(10):
+            while not outcome:
+                await trio.sleep(0.01)
+        assert outcome == [BackupOutcome.REFUSED]
+        assert backup.replica is None or not any(backup.replica)
+        assert backup.applied_epoch is None
+        domain.stop()

@@ -12,6 +12,7 @@ END means a graceful stop: the replica is discarded, no failover.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import socket
 import time
@@ -37,6 +38,9 @@ from tremus.engine.events import (
 )
 
 __all__ = ["BackupOutcome", "BackupSession", "PrimaryFailed", "ReplicaDiverged"]
+
+
+_IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class PrimaryFailed(Exception):
@@ -142,7 +146,15 @@ class BackupSession:
                     nursery.cancel_scope.cancel()
 
     async def _handshake(self) -> str | None:
-        event = await self._link.next_event(self.config.heartbeat_timeout_ms / 1000 * 5)
+        try:
+            event = await self._link.next_event(self.config.heartbeat_timeout_ms / 1000 * 5)
+        except PrimaryFailed as exc:
+            if isinstance(exc.__cause__, p.ProtocolError):
+                # Tell the primary why (the connection is in error: a raw END frame).
+                with trio.move_on_after(1), contextlib.suppress(*_IO_ERRORS):
+                    await self._link.stream.send_all(  # type: ignore[union-attr]
+                        p.encode_frame(p.End(f"refused: {exc.__cause__}")))
+            raise
         if not isinstance(event, p.Hello):
             raise PrimaryFailed(f"expected HELLO, got {type(event).__name__}")
         try:

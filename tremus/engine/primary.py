@@ -184,6 +184,8 @@ class PrimarySession:
             raise BackupLostError("the backup did not answer HELLO")
         if isinstance(event, p.End):
             raise BackupLostError(f"the backup refused protection: {event.reason}")
+        if isinstance(event, p.ConnectionClosed):
+            raise BackupLostError("the backup closed the connection during the handshake")
         if not isinstance(event, p.Welcome):
             raise BackupLostError(f"the backup answered HELLO with {type(event).__name__}")
         self._codec = self._make_codec(set(event.features))
