@@ -1,0 +1,65 @@
+"""Every benchmark runs and prints one valid JSON object with the expected keys.
+
+Not a performance test (figures are never asserted): it only keeps ``bench/`` from
+rotting. Each script runs in its smallest form — ``--quick``, or the hidden
+``--smoke`` (one tiny row) where ``--quick`` takes more than a few seconds — so the
+whole file stays well under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tremus import accel
+
+REPO = Path(__file__).resolve().parent.parent
+HAS_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+# (script, arguments, needs KVM, keys every result row has)
+BENCHES = [
+    ("copyloop", ["--quick"], False,
+     {"dirty_pages", "gather_gbps", "memcpy_gbps", "ratio_to_memcpy"}),
+    ("pause", ["--quick"], True,
+     {"dirty_pages", "pause_us", "pause_us_p90", "kick_us"}),
+    ("throughput", ["--smoke"], False,
+     {"codec", "topology", "dirty_pages", "bytes_sent", "gbps", "socket_gbps",
+      "ratio_to_socket"}),
+    ("engine_pause", ["--smoke"], True,
+     {"mode", "working_set_pages", "dirty_pages", "pause_us", "pause_us_p90", "kick_us",
+      "guest_pause_us"}),
+    ("compression", ["--smoke"], True,
+     {"pattern", "working_set_pages", "raw_bytes", "bytes_sent", "ratio"}),
+]
+
+
+@pytest.mark.parametrize(("name", "args", "needs_kvm", "keys"), BENCHES,
+                         ids=[b[0] for b in BENCHES])
+def test_bench_prints_one_json_object(name: str, args: list[str], needs_kvm: bool,
+                                      keys: set[str]) -> None:
+    if accel.native is None:
+        pytest.skip("the native helper is not built")
+    if needs_kvm and not HAS_KVM:
+        pytest.skip("needs /dev/kvm")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / f"{name}.py"), *args],
+        capture_output=True, text=True, timeout=45, cwd=REPO, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)  # the whole of stdout is one JSON object
+    assert doc["bench"] == name
+    assert {"cpu_model", "cores", "kernel", "python", "date"} <= set(doc["machine"])
+    assert doc["results"], "no result rows"
+    for row in doc["results"]:
+        assert keys <= set(row), sorted(keys - set(row))
+    if name == "throughput":
+        assert {"one_process", "two_processes"} == {r["topology"] for r in doc["results"]}
+        assert {"raw", "delta"} == {r["codec"] for r in doc["results"]}
+        assert "stages" in doc
+    if name == "compression":
+        assert {"miss", "delta", "same"} == {r["case"] for r in doc["codec_speed"]}
