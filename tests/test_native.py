@@ -667,3 +667,32 @@ def test_dirty_log_is_clean_before_the_guest_runs(tiny_vm: TinyVM) -> None:
         native.get_dirty_log(tiny_vm.vm, 7, bitmap)  # no such slot
     with pytest.raises(ValueError):
         native.get_dirty_log(tiny_vm.vm, 1, bytearray(5))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("size", [0, 1, 4096, 5 << 20])
+def test_empty_bytearray(impl: ModuleType, size: int) -> None:
+    buf = impl.empty_bytearray(size)
+    assert isinstance(buf, bytearray) and len(buf) == size
+    buf[:] = b"\x01" * size
+    with pytest.raises(ValueError):
+        impl.empty_bytearray(-1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_large_scatter_split_over_threads_matches_reference(impl: ModuleType) -> None:
+    """Scatters of 1 MiB and more run on two threads in the native helper."""
+    rng = random.Random(7)
+    pages = 1024
+    pfns = rng.sample(range(4 * pages), pages)
+    src = bytes(rng.getrandbits(8) for _ in range(pages * 4096 // 64)) * 64
+    dst = bytearray(4 * pages * 4096)
+    impl.scatter(dst, pfn_bytes(pfns), src)
+    for i, pfn in enumerate(pfns):
+        assert dst[pfn * 4096 : (pfn + 1) * 4096] == src[i * 4096 : (i + 1) * 4096]
+    bad = pfns[:]
+    bad[-1] = 4 * pages  # out of range, in the second thread's half
+    before = bytes(dst)
+    with pytest.raises(ValueError, match="outside"):
+        impl.scatter(dst, pfn_bytes(bad), src)
+    assert dst == before  # validated before anything was written

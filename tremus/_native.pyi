@@ -52,6 +52,9 @@ def delta_decode(
     or an out-of-range pfn, before or while writing ``out`` (never outside it).
     Returns bytes consumed (== len(encoded))."""
 
+def empty_bytearray(size: int) -> bytearray:
+    """A bytearray of ``size`` bytes whose contents are NOT zeroed (to be overwritten)."""
+
 def memcpy(dst: Buffer, src: Buffer) -> int:
     """Plain memcpy with the GIL released: the limit the copy benchmark compares to."""
 

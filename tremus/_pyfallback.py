@@ -23,6 +23,7 @@ from typing import Any as Buffer  # collections.abc.Buffer is Python 3.12+
 
 __all__ = [
     "PAGE_SIZE",
+    "empty_bytearray",
     "dirty_bitmap_to_pfns",
     "gather",
     "scatter",
@@ -398,3 +399,10 @@ def delta_decode(
     if ip != size:
         raise bad("trailing bytes after the last page")
     return ip
+
+
+def empty_bytearray(size: int) -> bytearray:
+    """A bytearray of ``size`` bytes to be overwritten (zeroed here: Python has no other)."""
+    if size < 0:
+        raise ValueError("size must not be negative")
+    return bytearray(size)

@@ -8,8 +8,9 @@ lost" error with a message that says what happened.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import final
 
 import trio
@@ -40,6 +41,9 @@ class Link:
         self._lost = lost
         self._peer = peer
         self._send_lock = trio.Lock()
+        # A socket stream lets us receive into the protocol's buffers (one copy less).
+        self._socket: trio.socket.SocketType | None = (
+            stream.socket if isinstance(stream, trio.SocketStream) else None)
         #: trio.current_time() of the last byte received / frame sent.
         self.last_received = trio.current_time()
         self.last_sent = 0.0
@@ -63,21 +67,41 @@ class Link:
                 return event
             if self.stream is None:
                 raise self._lost(f"no {self._peer} to hear from (blackhole)")
+            into = self.conn.receive_buffer() if self._socket is not None else None
+            data: p.BytesLike | None = None
+            received = 0
             with trio.move_on_after(timeout) as scope:
                 try:
-                    data = await self.stream.receive_some(1 << 20)
+                    if into is not None and len(into):
+                        # Page data straight into the frame's payload buffer.
+                        assert self._socket is not None
+                        received = await self._socket.recv_into(into, min(len(into), 1 << 22))
+                        data = b"" if received == 0 else None
+                    else:
+                        # Small reads while no payload is pending: a frame's header
+                        # comes with as little of its payload as possible, the rest
+                        # goes straight into the payload buffer above.
+                        data = await self.stream.receive_some(
+                            1 << 16 if self._socket is not None else 1 << 20)
                 except _IO_ERRORS as exc:
                     raise self._lost(f"connection to the {self._peer} failed: {exc}") from exc
             if scope.cancelled_caught:
                 raise self._lost(f"no word from the {self._peer} for {timeout * 1000:g} ms")
             self.last_received = trio.current_time()
-            self.conn.receive_data(data)
+            if data is None:
+                self.conn.received_into(received)
+            else:
+                self.conn.receive_data(data)
 
     async def send(self, event: p.Event) -> int:
         return await self.send_parts(self.conn.send_parts(event))
 
-    async def send_parts(self, parts: Sequence[p.BytesLike]) -> int:
-        """Send frame pieces in order, small ones coalesced; returns bytes sent."""
+    async def send_parts(self, parts: Iterable[p.BytesLike]) -> int:
+        """Send frame pieces in order, small ones coalesced; returns bytes sent.
+
+        ``parts`` may be a generator that builds frames as it goes: each is sent as
+        soon as it is built, so building the next overlaps the network and the peer.
+        """
         if self.stream is None:
             return sum(len(part) for part in parts)
         total = 0
@@ -85,7 +109,7 @@ class Link:
             pending: list[p.BytesLike] = []
             pending_len = 0
             try:
-                for part in [*parts, b""]:
+                for part in itertools.chain(parts, (b"",)):
                     if 0 < len(part) < _COALESCE:
                         pending.append(part)
                         pending_len += len(part)

@@ -192,7 +192,9 @@ class BackupSession:
     async def _apply(self, checkpoint: p.CompleteCheckpoint) -> None:
         assert self._replica is not None and self._hello is not None
         started = time.perf_counter()
-        impl.scatter(self._replica, checkpoint.pfns, checkpoint.data, self._hello.page_size)
+        page_size = self._hello.page_size
+        for pfns, data in checkpoint.batches:
+            impl.scatter(self._replica, pfns, data, page_size)
         verified = None
         if checkpoint.ram_digest is not None:
             verified = int(impl.hash64(self._replica)) == checkpoint.ram_digest
@@ -209,7 +211,7 @@ class BackupSession:
         apply_us = (time.perf_counter() - started) * 1e6
         await self._link.send(p.Ack(checkpoint.epoch))
         self.events.emit(CheckpointApplied(epoch=checkpoint.epoch, pages=checkpoint.pages,
-                                           bytes_received=len(checkpoint.data),
+                                           bytes_received=checkpoint.pages * page_size,
                                            apply_us=round(apply_us, 1), verified=verified))
 
     async def _heartbeat_loop(self) -> None:

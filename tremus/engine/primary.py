@@ -22,7 +22,7 @@ from __future__ import annotations
 import socket
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import final
 
@@ -273,23 +273,34 @@ class PrimarySession:
                                pause_us: float, kick_us: float) -> None:
         count = len(pfns) // 8
         pages = memoryview(self._staging)[: count * self._page_size]
-        conn = self._conn
-        parts: list[p.BytesLike] = list(conn.send_parts(p.CheckpointBegin(epoch, full)))
-        coded = 0
-        for batch_pfns, batch_pages in split_batches(pfns, pages, self._page_size):
-            data = self._codec.encode(batch_pages, batch_pfns)
-            coded += len(data)
-            parts += conn.send_parts(p.Pages(epoch, batch_pfns, data, self._codec.name))
-        parts += conn.send_parts(p.State(epoch, state))
         digest = p.checkpoint_digest(pfns, pages, state) if self.config.verify else None
         ram_digest = self._ram_digest if self.config.verify else None
-        parts += conn.send_parts(p.CheckpointEnd(epoch, count, coded, digest, ram_digest))
-        sent = sum(len(part) for part in parts)
-        self._inflight[epoch] = _Inflight(epoch, count, pause_us, kick_us, sent,
-                                          count * self._page_size, trio.current_time())
-        await self._link.send_parts(parts)
-        self.events.emit(CheckpointSent(epoch=epoch, dirty_pages=count, bytes_sent=sent,
-                                        pause_us=round(pause_us, 1)))
+        record = _Inflight(epoch, count, pause_us, kick_us, 0, count * self._page_size,
+                           trio.current_time())
+        self._inflight[epoch] = record
+        conn, codec = self._conn, self._codec
+
+        def frames() -> Iterator[p.BytesLike]:
+            # Built one PAGES frame at a time, each sent before the next is coded.
+            # Byte counts are recorded before the last frame leaves: its ACK may be
+            # handled before this task runs again.
+            coded = 0
+            parts = conn.send_parts(p.CheckpointBegin(epoch, full))
+            for batch_pfns, batch_pages in split_batches(pfns, pages, self._page_size):
+                data = codec.encode(batch_pages, batch_pfns)
+                coded += len(data)
+                parts += conn.send_parts(p.Pages(epoch, batch_pfns, data, codec.name))
+                record.bytes_sent += sum(len(part) for part in parts)
+                yield from parts
+                parts = []
+            parts += conn.send_parts(p.State(epoch, state))
+            parts += conn.send_parts(p.CheckpointEnd(epoch, count, coded, digest, ram_digest))
+            record.bytes_sent += sum(len(part) for part in parts)
+            yield from parts
+
+        await self._link.send_parts(frames())
+        self.events.emit(CheckpointSent(epoch=epoch, dirty_pages=count,
+                                        bytes_sent=record.bytes_sent, pause_us=round(pause_us, 1)))
 
     async def _on_ack(self, epoch: int) -> None:
         record = self._inflight.pop(epoch, None)

@@ -849,7 +849,7 @@ def _header_and_payload(event: Event) -> tuple[dict[str, Any], list[BytesLike]]:
     return h, payload
 
 
-def _event_from(kind: str, h: dict[str, Any], payload: bytes) -> Event:
+def _event_from(kind: str, h: dict[str, Any], payload: BytesLike) -> Event:
     match kind:
         case "HELLO":
             return Hello(
@@ -954,6 +954,8 @@ class _Connection:
         self._eof = False
         self._closed_seen = False
         self._pending: tuple[str, dict[str, Any], int] | None = None
+        self._payload: bytearray | None = None
+        self._payload_filled = 0
         self._error: ProtocolError | None = None
         self._frames_in = 0
 
@@ -1072,10 +1074,36 @@ class _Connection:
             return
         if self._eof and data:
             raise RuntimeError("receive_data after EOF")
-        if data:
-            self._buffer += data
-        else:
+        if not data:
             self._eof = True
+            return
+        payload = self._payload
+        if payload is not None and not self._buffer:
+            # The common case for page data: straight into the pending payload.
+            take = min(len(data), len(payload) - self._payload_filled)
+            payload[self._payload_filled : self._payload_filled + take] = memoryview(data)[:take]
+            self._payload_filled += take
+            if take < len(data):
+                self._buffer += memoryview(data)[take:]
+        else:
+            self._buffer += data
+
+    def receive_buffer(self) -> memoryview | None:
+        """Where the driver may receive the next bytes directly (``recv_into``), then
+        report them with ``received_into``; None when there is no payload to fill.
+
+        It saves a copy of every page: the bytes land in the frame's payload buffer.
+        """
+        if self._error is not None or self._payload is None or self._buffer:
+            return None
+        return memoryview(self._payload)[self._payload_filled :]
+
+    def received_into(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last ``receive_buffer()``."""
+        assert self._payload is not None
+        if not 0 <= nbytes <= len(self._payload) - self._payload_filled:
+            raise ValueError(f"received_into({nbytes}): out of the receive buffer")
+        self._payload_filled += nbytes
 
     def next_event(self) -> Event | NeedData:
         """The next event from the buffered bytes, or ``NEED_DATA``.
@@ -1119,12 +1147,20 @@ class _Connection:
             self._check_incoming_header(kind, header, payload_len)
             del buf[:end]
             self._pending = (kind, header, payload_len)
+            # The payload gets a buffer of its own, filled by receive_data or by the
+            # driver through receive_buffer(): page data is copied once, not twice.
+            self._payload = impl.empty_bytearray(payload_len)
+            take = min(len(buf), payload_len)
+            self._payload[:take] = memoryview(buf)[:take]
+            self._payload_filled = take
+            del buf[:take]
         kind, header, payload_len = self._pending
-        if len(buf) < payload_len:
+        assert self._payload is not None
+        if self._payload_filled < payload_len:
             return self._need_data()
-        with memoryview(buf) as view:
-            payload = bytes(view[:payload_len])
-        del buf[:payload_len]
+        payload = memoryview(self._payload).toreadonly()
+        self._payload = None
+        self._payload_filled = 0
         self._pending = None
         event = _event_from(kind, header, payload)
         self._verify(event)
@@ -1175,7 +1211,7 @@ class _Connection:
             kind, header, payload_len = self._pending
             raise ProtocolError(
                 f"connection closed inside {_describe(kind, header)}: got"
-                f" {len(self._buffer)} of {payload_len} payload bytes"
+                f" {self._payload_filled} of {payload_len} payload bytes"
             )
         raise ProtocolError(
             f"connection closed inside a frame: {len(self._buffer)} bytes of it arrived"
@@ -1186,6 +1222,8 @@ class _Connection:
         self._error = exc
         self._buffer.clear()
         self._pending = None
+        self._payload = None
+        self._payload_filled = 0
         return exc
 
     def _raise_if_failed(self) -> None:
@@ -1241,30 +1279,44 @@ class BackupConnection(_Connection):
 
 
 @final
-@dataclass(frozen=True, slots=True)
 class CompleteCheckpoint:
     """A verified checkpoint, decoded, ready to be applied to the replica.
 
-    Applying is the engine's job: ``impl.scatter(replica, cp.pfns, cp.data, page_size)``
-    and then the state. The views are read-only and stay valid as long as this object.
+    Applying is the engine's job: ``impl.scatter(replica, pfns, data, page_size)`` for
+    each of ``batches``, then the state. The batches are the received frames' own
+    buffers (raw pages are never copied on the way) or the decoded delta pages; they
+    are read-only and stay valid as long as this object.
     """
 
-    epoch: int
-    full: bool
-    #: Little-endian u64 pfns, strictly ascending.
-    pfns: memoryview
-    #: The decoded pages, ``page_size`` bytes each, in the order of ``pfns``.
-    data: memoryview
-    state: bytes
-    #: The digest that was verified, or ``None`` if the primary sent none.
-    digest: int | None
-    #: ``hash64`` of the primary's RAM at this checkpoint: after applying, the
-    #: replica must hash the same (checked by the engine), or ``None``.
-    ram_digest: int | None = None
+    __slots__ = ("batches", "digest", "epoch", "full", "ram_digest", "state")
+
+    def __init__(self, *, epoch: int, full: bool,
+                 batches: tuple[tuple[memoryview, memoryview], ...], state: bytes,
+                 digest: int | None, ram_digest: int | None = None) -> None:
+        self.epoch = epoch
+        self.full = full
+        #: (little-endian u64 pfns, ``page_size`` bytes per page), in pfn order.
+        self.batches = batches
+        self.state = state
+        #: The digest that was verified, or ``None`` if the primary sent none.
+        self.digest = digest
+        #: ``hash64`` of the primary's RAM at this checkpoint: after applying, the
+        #: replica must hash the same (checked by the engine), or ``None``.
+        self.ram_digest = ram_digest
+
+    @property
+    def pfns(self) -> memoryview:
+        """All pfns, strictly ascending (joined: a copy)."""
+        return memoryview(b"".join(p for p, _ in self.batches)).toreadonly()
+
+    @property
+    def data(self) -> memoryview:
+        """All decoded pages in the order of ``pfns`` (joined: a copy)."""
+        return memoryview(b"".join(d for _, d in self.batches)).toreadonly()
 
     @property
     def pages(self) -> int:
-        return len(self.pfns) // 8
+        return sum(len(p) for p, _ in self.batches) // 8
 
 
 @final
@@ -1295,8 +1347,8 @@ class CheckpointStager:
         self._max_state = max_state
         self._epoch: int | None = None
         self._full = False
-        self._pfns = bytearray()
-        self._data = bytearray()
+        self._batches: list[tuple[memoryview, memoryview]] = []
+        self._staged_pages = 0
         self._state: bytes | None = None
 
     @property
@@ -1307,8 +1359,8 @@ class CheckpointStager:
     def abort(self) -> None:
         """Drop the open checkpoint (on END, or when the stream is lost)."""
         self._epoch = None
-        self._pfns = bytearray()
-        self._data = bytearray()
+        self._batches = []
+        self._staged_pages = 0
         self._state = None
 
     def feed(self, event: CheckpointEvent) -> CompleteCheckpoint | None:
@@ -1353,52 +1405,49 @@ class CheckpointStager:
         if self._state is not None:
             raise ProtocolError(f"{what} after STATE")
         count = len(pages.pfns) // 8
-        staged = len(self._pfns) // 8
+        staged = self._staged_pages
         if count * 8 != len(pages.pfns) or staged + count > self._ram_pages:
             raise ProtocolError(
                 f"{what}: {staged} + {count} pages exceed the replica's {self._ram_pages}"
             )
         size = count * self._page_size
-        start = len(self._data)
+        pfns = memoryview(pages.pfns).toreadonly()
         if pages.codec == RAW and len(pages.data) == size:
-            self._data += pages.data
+            data = memoryview(pages.data).toreadonly()  # the frame's own buffer: no copy
         else:
-            self._data += bytes(size)
-            with memoryview(self._data)[start:] as out:
-                try:
-                    decode_into(
-                        pages.codec, pages.data, pages.pfns, self._replica, out, self._page_size
-                    )
-                except ValueError as exc:
-                    raise ProtocolError(
-                        f"{what}: {pages.codec} data does not decode: {exc}"
-                    ) from None
-        self._pfns += pages.pfns
+            out = bytearray(size)
+            try:
+                decode_into(pages.codec, pages.data, pages.pfns, self._replica, out,
+                            self._page_size)
+            except ValueError as exc:
+                raise ProtocolError(f"{what}: {pages.codec} data does not decode: {exc}") from None
+            data = memoryview(out).toreadonly()
+        self._batches.append((pfns, data))
+        self._staged_pages += count
 
     def _finish(self, what: str, end: CheckpointEnd) -> CompleteCheckpoint:
         if self._state is None:
             raise ProtocolError(f"{what} before STATE")
-        pages = len(self._pfns) // 8
+        pages = self._staged_pages
         if end.pages != pages:
             raise ProtocolError(f"{what}: says {end.pages} pages, {pages} were staged")
         if self._full and pages != self._ram_pages:
             raise ProtocolError(f"{what}: full checkpoint has {pages} of {self._ram_pages} pages")
+        done = CompleteCheckpoint(
+            epoch=end.epoch,
+            full=self._full,
+            batches=tuple(self._batches),
+            state=self._state,
+            digest=end.digest,
+            ram_digest=end.ram_digest,
+        )
         if end.digest is not None:
-            digest = checkpoint_digest(self._pfns, self._data, self._state)
+            digest = checkpoint_digest(done.pfns, done.data, self._state)
             if digest != end.digest:
                 raise ProtocolError(
                     f"{what}: digest mismatch (primary {end.digest:#018x}, staged pages give"
                     f" {digest:#018x}); the checkpoint is discarded"
                 )
-        done = CompleteCheckpoint(
-            epoch=end.epoch,
-            full=self._full,
-            pfns=memoryview(self._pfns).toreadonly(),
-            data=memoryview(self._data).toreadonly(),
-            state=self._state,
-            digest=end.digest,
-            ram_digest=end.ram_digest,
-        )
         self._epoch = None
-        self._pfns, self._data, self._state = bytearray(), bytearray(), None
+        self._batches, self._staged_pages, self._state = [], 0, None
         return done

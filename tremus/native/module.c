@@ -63,6 +63,8 @@ static PyMethodDef methods[] = {
      "delta_encode(pages, pfns, cache_tags, cache_data, out, page_size=4096) -> bytes written"},
     {"delta_decode", KW tn_delta_decode, METH_VARARGS | METH_KEYWORDS,
      "delta_decode(encoded, pfns, reference, out, page_size=4096) -> bytes consumed"},
+    {"empty_bytearray", KW tn_empty_bytearray, METH_VARARGS | METH_KEYWORDS,
+     "empty_bytearray(size) -> bytearray whose contents are not initialised"},
     {"memcpy", KW tn_memcpy, METH_VARARGS | METH_KEYWORDS,
      "memcpy(dst, src) -> bytes copied (len(src))"},
     {"kvm_run", KW tn_kvm_run, METH_VARARGS | METH_KEYWORDS,

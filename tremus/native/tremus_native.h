@@ -70,6 +70,7 @@ PyObject *tn_dirty_bitmap_to_pfns(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_gather(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_scatter(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_memcpy(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_empty_bytearray(PyObject *self, PyObject *args, PyObject *kw);
 
 /* hash.c */
 uint64_t tn_hash64(const unsigned char *p, size_t n, uint64_t seed);
