@@ -295,3 +295,45 @@ async def test_wrong_secret_is_refused_before_anything_is_staged() -> None:
         assert backup.replica is None or not any(backup.replica)
         assert backup.applied_epoch is None
         domain.stop()
+
+
+class SlowStream(trio.abc.Stream):
+    """Wraps the primary's real stream and sends in small slow pieces, so that a
+    stop lands in the middle of a checkpoint (a test double for a slow link)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.sending = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        for start in range(0, len(view), 256 * 1024):
+            if len(view) > 1 << 20:
+                self.sending.set()
+            await self.inner.send_all(view[start : start + 256 * 1024])
+            await trio.sleep(0.01)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_stop_during_a_checkpoint_ends_gracefully_without_failover() -> None:
+    slow: list[SlowStream] = []
+
+    def wrap(stream: trio.abc.Stream) -> SlowStream:
+        slow.append(SlowStream(stream))
+        return slow[0]
+
+    config = ProtectionConfig(interval_ms=20, codec="raw")
+    async with protected("microvm:workload=counter,memory=8M", config, wrap=wrap) as pair:
+        await slow[0].sending.wait()  # the full first checkpoint is on its way
+        pair.primary.stop()
+        await pair.backup_done.wait()
+        assert pair.outcome is BackupOutcome.ENDED
+        assert not pair.of(FailoverStarted, "backup")

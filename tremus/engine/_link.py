@@ -32,15 +32,18 @@ class Link:
         stream: the transport, or None.
         lost: the exception raised when the peer is gone or misbehaves.
         peer: how the peer is named in messages ("backup", "primary").
+        stall_timeout: seconds a send may make no progress before the peer is lost.
     """
 
     def __init__(self, conn: p.PrimaryConnection | p.BackupConnection,
-                 stream: trio.abc.Stream | None, lost: type[Exception], peer: str) -> None:
+                 stream: trio.abc.Stream | None, lost: type[Exception], peer: str,
+                 stall_timeout: float = 10.0) -> None:
         self.conn = conn
         self.stream = stream
         self._lost = lost
         self._peer = peer
         self._send_lock = trio.Lock()
+        self._stall_timeout = stall_timeout
         # A socket stream lets us receive into the protocol's buffers (one copy less).
         self._socket: trio.socket.SocketType | None = (
             stream.socket if isinstance(stream, trio.SocketStream) else None)
@@ -108,24 +111,36 @@ class Link:
         async with self._send_lock:
             pending: list[p.BytesLike] = []
             pending_len = 0
-            try:
-                for part in itertools.chain(parts, (b"",)):
-                    if 0 < len(part) < _COALESCE:
-                        pending.append(part)
-                        pending_len += len(part)
-                        if pending_len < _COALESCE:
-                            continue
-                        part = b""
-                    if pending:
-                        await self.stream.send_all(b"".join(pending))
-                        total += pending_len
-                        pending, pending_len = [], 0
-                    if part:
-                        await self.stream.send_all(part)
-                        total += len(part)
-            except _IO_ERRORS as exc:
-                raise self._lost(f"sending to the {self._peer} failed: {exc}") from exc
+            # A frame is sent whole or the link is lost: cancelling a send half way
+            # would leave the peer a truncated frame, which a backup must take for
+            # the primary's death. So sends are shielded, and bounded instead by a
+            # deadline that every completed write pushes back (no progress = lost).
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + self._stall_timeout
+                try:
+                    for part in itertools.chain(parts, (b"",)):
+                        if 0 < len(part) < _COALESCE:
+                            pending.append(part)
+                            pending_len += len(part)
+                            if pending_len < _COALESCE:
+                                continue
+                            part = b""
+                        if pending:
+                            await self.stream.send_all(b"".join(pending))
+                            total += pending_len
+                            pending, pending_len = [], 0
+                            scope.deadline = trio.current_time() + self._stall_timeout
+                        if part:
+                            await self.stream.send_all(part)
+                            total += len(part)
+                            scope.deadline = trio.current_time() + self._stall_timeout
+                except _IO_ERRORS as exc:
+                    raise self._lost(f"sending to the {self._peer} failed: {exc}") from exc
+            if scope.cancelled_caught:
+                raise self._lost(f"sending to the {self._peer} made no progress for "
+                                 f"{self._stall_timeout * 1000:g} ms")
             self.last_sent = trio.current_time()
+        await trio.lowlevel.checkpoint_if_cancelled()
         return total
 
     async def aclose(self) -> None:

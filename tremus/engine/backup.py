@@ -84,7 +84,8 @@ class BackupSession:
         self._console = console
         self._peer = peer
         self._conn = p.BackupConnection(secret=self.config.auth_secret)
-        self._link = Link(self._conn, stream, PrimaryFailed, "primary")
+        self._link = Link(self._conn, stream, PrimaryFailed, "primary",
+                          stall_timeout=self.config.heartbeat_timeout_ms / 1000)
         self._hello: p.Hello | None = None
         self._replica: bytearray | None = None
         self._stager: p.CheckpointStager | None = None

@@ -98,7 +98,8 @@ class PrimarySession:
         self._backup_name = backup_name or ("blackhole" if stream is None else "backup")
         self._conn = p.PrimaryConnection(
             secret=self.config.auth_secret if stream is not None else None)
-        self._link = Link(self._conn, stream, BackupLostError, "backup")
+        self._link = Link(self._conn, stream, BackupLostError, "backup",
+                          stall_timeout=self.config.heartbeat_timeout_ms / 1000)
         geometry = domain.geometry
         self._page_size = geometry.page_size
         self._staging = bytearray(geometry.ram_size)
@@ -147,7 +148,7 @@ class PrimarySession:
                 self.protection.complete(None)
                 with collapse_groups():
                     async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._protect, nursery.cancel_scope)
+                        nursery.start_soon(self._protect)
                         await self._stop.wait()
                         nursery.cancel_scope.cancel()
             except BackupLostError as exc:
@@ -196,7 +197,7 @@ class PrimarySession:
         return RawCodec(self._page_size)
 
     # -- the protected phase --------------------------------------------------------
-    async def _protect(self, scope: trio.CancelScope) -> None:
+    async def _protect(self) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 if self._stream is not None:
