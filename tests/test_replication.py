@@ -337,3 +337,18 @@ async def test_stop_during_a_checkpoint_ends_gracefully_without_failover() -> No
         await pair.backup_done.wait()
         assert pair.outcome is BackupOutcome.ENDED
         assert not pair.of(FailoverStarted, "backup")
+
+
+async def test_a_large_guest_synchronises_without_looking_dead() -> None:
+    """The first checkpoint of a large guest carries all of its RAM; neither side may
+    mistake the time that takes for a dead peer (it once did, at 1 GiB)."""
+    config = ProtectionConfig(interval_ms=50, heartbeat_ms=50, heartbeat_timeout_ms=200)
+    spec = "microvm:workload=dirty,memory=512M,ws=16M,rate=5000"
+    async with protected(spec, config) as pair:
+        await wait_until(lambda: len(pair.of(CheckpointAcked)) >= 5, timeout=60)
+        first = pair.of(CheckpointAcked)[0]
+        assert first.epoch == 0 and first.dirty_pages == (512 << 20) // 4096
+        assert not pair.of(BackupLost) and not pair.of(FailoverStarted, "backup")
+        pair.primary.stop()
+        await pair.backup_done.wait()
+        assert pair.outcome is BackupOutcome.ENDED

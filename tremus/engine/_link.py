@@ -32,7 +32,8 @@ class Link:
         stream: the transport, or None.
         lost: the exception raised when the peer is gone or misbehaves.
         peer: how the peer is named in messages ("backup", "primary").
-        stall_timeout: seconds a send may make no progress before the peer is lost.
+        stall_timeout: seconds a send may make no progress before the peer is lost
+            (an attribute: a role may allow more during the initial synchronisation).
     """
 
     def __init__(self, conn: p.PrimaryConnection | p.BackupConnection,
@@ -43,7 +44,7 @@ class Link:
         self._lost = lost
         self._peer = peer
         self._send_lock = trio.Lock()
-        self._stall_timeout = stall_timeout
+        self.stall_timeout = stall_timeout
         # A socket stream lets us receive into the protocol's buffers (one copy less).
         self._socket: trio.socket.SocketType | None = (
             stream.socket if isinstance(stream, trio.SocketStream) else None)
@@ -116,7 +117,7 @@ class Link:
             # the primary's death. So sends are shielded, and bounded instead by a
             # deadline that every completed write pushes back (no progress = lost).
             with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + self._stall_timeout
+                scope.deadline = trio.current_time() + self.stall_timeout
                 try:
                     for part in itertools.chain(parts, (b"",)):
                         if 0 < len(part) < _COALESCE:
@@ -129,16 +130,16 @@ class Link:
                             await self.stream.send_all(b"".join(pending))
                             total += pending_len
                             pending, pending_len = [], 0
-                            scope.deadline = trio.current_time() + self._stall_timeout
+                            scope.deadline = trio.current_time() + self.stall_timeout
                         if part:
                             await self.stream.send_all(part)
                             total += len(part)
-                            scope.deadline = trio.current_time() + self._stall_timeout
+                            scope.deadline = trio.current_time() + self.stall_timeout
                 except _IO_ERRORS as exc:
                     raise self._lost(f"sending to the {self._peer} failed: {exc}") from exc
             if scope.cancelled_caught:
                 raise self._lost(f"sending to the {self._peer} made no progress for "
-                                 f"{self._stall_timeout * 1000:g} ms")
+                                 f"{self.stall_timeout * 1000:g} ms")
             self.last_sent = trio.current_time()
         await trio.lowlevel.checkpoint_if_cancelled()
         return total

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import mmap
 import socket
 import time
 from typing import final
@@ -21,12 +22,13 @@ from typing import final
 import trio
 
 from tremus._groups import collapse_groups
+from tremus._memory import prefaulted_buffer
 from tremus.accel import impl
 from tremus.domains.base import ConsoleSink, Domain, DomainError
 from tremus.domains.registry import get_driver, restore_domain
 from tremus.engine import protocol as p
 from tremus.engine._link import Link
-from tremus.engine.config import ProtectionConfig
+from tremus.engine.config import INITIAL_SYNC_PATIENCE, ProtectionConfig
 from tremus.engine.events import (
     CheckpointApplied,
     EventHub,
@@ -41,6 +43,18 @@ __all__ = ["BackupOutcome", "BackupSession", "PrimaryFailed", "ReplicaDiverged"]
 
 
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable, less room for a checkpoint in flight (a replica must not OOM us)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 * 3 // 4
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 class PrimaryFailed(Exception):
@@ -85,9 +99,10 @@ class BackupSession:
         self._peer = peer
         self._conn = p.BackupConnection(secret=self.config.auth_secret)
         self._link = Link(self._conn, stream, PrimaryFailed, "primary",
-                          stall_timeout=self.config.heartbeat_timeout_ms / 1000)
+                          stall_timeout=self.config.heartbeat_timeout_ms / 1000
+                          * INITIAL_SYNC_PATIENCE)
         self._hello: p.Hello | None = None
-        self._replica: bytearray | None = None
+        self._replica: mmap.mmap | None = None
         self._stager: p.CheckpointStager | None = None
         self._state: bytes | None = None
         self.applied_epoch: int | None = None
@@ -148,7 +163,8 @@ class BackupSession:
 
     async def _handshake(self) -> str | None:
         try:
-            event = await self._link.next_event(self.config.heartbeat_timeout_ms / 1000 * 5)
+            event = await self._link.next_event(
+                self.config.heartbeat_timeout_ms / 1000 * INITIAL_SYNC_PATIENCE)
         except PrimaryFailed as exc:
             if isinstance(exc.__cause__, p.ProtocolError):
                 # Tell the primary why (the connection is in error: a raw END frame).
@@ -164,8 +180,17 @@ class BackupSession:
             await self._link.send(p.End(f"cannot rebuild this domain here: {exc}"))
             raise PrimaryFailed(f"refused the primary: {exc}") from None
         self._hello = event
-        self._replica = bytearray(event.ram_size)
-        self._stager = p.CheckpointStager(self._replica, page_size=event.page_size)
+        available = _available_memory()
+        if available is not None and event.ram_size > available:
+            reason = (f"the domain's {event.ram_size >> 20} MiB of RAM do not fit in this "
+                      f"host's {available >> 20} MiB of available memory")
+            await self._link.send(p.End(f"cannot hold a replica here: {reason}"))
+            raise PrimaryFailed(f"refused the primary: {reason}")
+        self._replica = await trio.to_thread.run_sync(prefaulted_buffer, event.ram_size)
+        self._stager = p.CheckpointStager(memoryview(self._replica), page_size=event.page_size)
+        # The replica holds nothing until the first checkpoint completes: write that
+        # one straight into it (see CheckpointStager.write_through).
+        self._stager.write_through = True
         features = tuple(f for f in event.features if f in p.SUPPORTED_FEATURES)
         await self._link.send(p.Welcome(features=features))
         self.events.emit(PrimaryConnected(peer=self._peer, domain=event.driver,
@@ -175,7 +200,13 @@ class BackupSession:
     async def _receive_loop(self) -> str | None:
         assert self._stager is not None and self._replica is not None
         while True:
-            event = await self._link.next_event(self.config.heartbeat_timeout_ms / 1000)
+            # Until the first checkpoint is complete there is nothing to fail over to,
+            # and a large guest's first (full) checkpoint can hold the primary's
+            # loop for a while: be patient then, watchful after.
+            timeout = self.config.heartbeat_timeout_ms / 1000
+            if self._state is None:
+                timeout *= INITIAL_SYNC_PATIENCE
+            event = await self._link.next_event(timeout)
             if isinstance(event, p.CheckpointBegin | p.Pages | p.State | p.CheckpointEnd):
                 try:
                     done = self._stager.feed(event)
@@ -196,6 +227,8 @@ class BackupSession:
         page_size = self._hello.page_size
         for pfns, data in checkpoint.batches:
             impl.scatter(self._replica, pfns, data, page_size)
+        assert self._stager is not None
+        self._stager.write_through = False  # from now on the replica is worth keeping
         verified = None
         if checkpoint.ram_digest is not None:
             verified = int(impl.hash64(self._replica)) == checkpoint.ram_digest
@@ -209,6 +242,7 @@ class BackupSession:
                 )
         self._state = checkpoint.state
         self.applied_epoch = checkpoint.epoch
+        self._link.stall_timeout = self.config.heartbeat_timeout_ms / 1000
         apply_us = (time.perf_counter() - started) * 1e6
         await self._link.send(p.Ack(checkpoint.epoch))
         self.events.emit(CheckpointApplied(epoch=checkpoint.epoch, pages=checkpoint.pages,

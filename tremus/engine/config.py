@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ConfigError", "ProtectionConfig"]
+__all__ = ["INITIAL_SYNC_PATIENCE", "ConfigError", "ProtectionConfig"]
+
+#: Until the first checkpoint is complete, silence timeouts are this many times
+#: longer on both sides: the first checkpoint carries all of RAM (seconds of work for
+#: a large guest), and before it completes the backup has nothing to fail over to,
+#: so waiting longer costs nothing.
+INITIAL_SYNC_PATIENCE = 10
 
 
 class ConfigError(ValueError):

@@ -19,6 +19,7 @@ because of the backup: nothing in the pause waits on the network.
 
 from __future__ import annotations
 
+import mmap
 import socket
 import time
 from array import array
@@ -29,11 +30,12 @@ from typing import final
 import trio
 
 from tremus._groups import collapse_groups, leaves
+from tremus._memory import prefaulted_buffer
 from tremus.accel import impl
 from tremus.domains.base import Domain
 from tremus.engine import protocol as p
 from tremus.engine._link import Link
-from tremus.engine.config import ProtectionConfig
+from tremus.engine.config import INITIAL_SYNC_PATIENCE, ProtectionConfig
 from tremus.engine.devices import CheckpointDevice, DeviceError, DeviceRunner
 from tremus.engine.events import (
     BackupLost,
@@ -99,10 +101,11 @@ class PrimarySession:
         self._conn = p.PrimaryConnection(
             secret=self.config.auth_secret if stream is not None else None)
         self._link = Link(self._conn, stream, BackupLostError, "backup",
-                          stall_timeout=self.config.heartbeat_timeout_ms / 1000)
+                          stall_timeout=self.config.heartbeat_timeout_ms / 1000
+                          * INITIAL_SYNC_PATIENCE)
         geometry = domain.geometry
         self._page_size = geometry.page_size
-        self._staging = bytearray(geometry.ram_size)
+        self._staging: mmap.mmap | None = None  # allocated by run(), in a thread
         self._all_pfns = array("Q", range(geometry.pages)).tobytes()
         self._codec: DeltaCodec | RawCodec = RawCodec(self._page_size)
         self._inflight: dict[int, _Inflight] = {}
@@ -137,6 +140,8 @@ class PrimarySession:
             await self._devices.setup()
             try:
                 await self._handshake()
+                self._staging = await trio.to_thread.run_sync(
+                    prefaulted_buffer, self.domain.geometry.ram_size)
                 self.protected = True
                 self.events.emit(ProtectionStarted(
                     domain=self.domain.driver, backup=self._backup_name,
@@ -179,7 +184,7 @@ class PrimarySession:
         await self._link.send_parts(self._conn.send_parts(hello))
         if self._stream is None:  # blackhole: the backup's answers are made up here
             self._link.feed(p.Welcome(features=features))
-        with trio.move_on_after(self.config.heartbeat_timeout_ms / 1000 * 5) as scope:
+        with trio.move_on_after(self._silence_timeout()) as scope:
             event = await self._link.next_event()
         if scope.cancelled_caught:
             raise BackupLostError("the backup did not answer HELLO")
@@ -251,6 +256,7 @@ class PrimarySession:
                 await self._devices.postsuspend(epoch)
                 dirty = domain.read_and_clear_dirty()
                 pfns = memoryview(self._all_pfns) if full else dirty.cast("B")
+                assert self._staging is not None
                 impl.gather(domain.ram, pfns, self._staging, self._page_size)
                 state = domain.save_state()
                 if self.config.verify:
@@ -273,6 +279,7 @@ class PrimarySession:
     async def _send_checkpoint(self, epoch: int, full: bool, pfns: memoryview, state: bytes,
                                pause_us: float, kick_us: float) -> None:
         count = len(pfns) // 8
+        assert self._staging is not None
         pages = memoryview(self._staging)[: count * self._page_size]
         digest = p.checkpoint_digest(pfns, pages, state) if self.config.verify else None
         ram_digest = self._ram_digest if self.config.verify else None
@@ -303,6 +310,13 @@ class PrimarySession:
         self.events.emit(CheckpointSent(epoch=epoch, dirty_pages=count,
                                         bytes_sent=record.bytes_sent, pause_us=round(pause_us, 1)))
 
+    def _silence_timeout(self) -> float:
+        """How long the backup may be silent. Until it has acknowledged the first
+        (full) checkpoint it may be busy with all of RAM at once, and losing it then
+        costs nothing (it could not have failed over): be patient until then."""
+        timeout = self.config.heartbeat_timeout_ms / 1000
+        return timeout if self.epochs_acked else timeout * INITIAL_SYNC_PATIENCE
+
     async def _on_ack(self, epoch: int) -> None:
         record = self._inflight.pop(epoch, None)
         if record is None:
@@ -316,6 +330,7 @@ class PrimarySession:
             self.events.emit(OutputReleased(epoch=epoch, packets=released))
         self.epochs_acked += 1
         self.last_acked_epoch = epoch
+        self._link.stall_timeout = self._silence_timeout()
         self._inflight_changed.set()
         self.events.emit(CheckpointAcked(
             time=acked_at,
@@ -327,7 +342,7 @@ class PrimarySession:
     # -- the backup's side of the stream --------------------------------------------
     async def _receive_loop(self) -> None:
         while True:
-            event = await self._link.next_event(self.config.heartbeat_timeout_ms / 1000)
+            event = await self._link.next_event(self._silence_timeout())
             if isinstance(event, p.Ack):
                 await self._on_ack(event.epoch)
             elif isinstance(event, p.End):

@@ -1288,12 +1288,19 @@ class CompleteCheckpoint:
     are read-only and stay valid as long as this object.
     """
 
-    __slots__ = ("batches", "digest", "epoch", "full", "ram_digest", "state")
+    __slots__ = ("applied", "batches", "digest", "epoch", "full", "page_count", "ram_digest",
+                 "state")
 
     def __init__(self, *, epoch: int, full: bool,
                  batches: tuple[tuple[memoryview, memoryview], ...], state: bytes,
-                 digest: int | None, ram_digest: int | None = None) -> None:
+                 digest: int | None, ram_digest: int | None = None,
+                 applied: bool = False, page_count: int | None = None) -> None:
         self.epoch = epoch
+        self.page_count = (page_count if page_count is not None
+                           else sum(len(p) for p, _ in batches) // 8)
+        #: The pages are already in the replica (``CheckpointStager.write_through``);
+        #: ``batches`` is then empty.
+        self.applied = applied
         self.full = full
         #: (little-endian u64 pfns, ``page_size`` bytes per page), in pfn order.
         self.batches = batches
@@ -1316,7 +1323,7 @@ class CompleteCheckpoint:
 
     @property
     def pages(self) -> int:
-        return sum(len(p) for p, _ in self.batches) // 8
+        return self.page_count
 
 
 @final
@@ -1350,6 +1357,14 @@ class CheckpointStager:
         self._batches: list[tuple[memoryview, memoryview]] = []
         self._staged_pages = 0
         self._state: bytes | None = None
+        #: Write pages into the replica as they arrive instead of staging them. Only
+        #: for a replica that holds nothing worth keeping yet (before the first
+        #: complete checkpoint): a checkpoint that never completes leaves it partly
+        #: written, and there was nothing to fail over to anyway. It saves holding a
+        #: whole RAM's worth of pages for the first (full) checkpoint.
+        self.write_through = False
+        self._written_pfns = bytearray()
+        self._scratch = bytearray()
 
     @property
     def open_epoch(self) -> int | None:
@@ -1362,6 +1377,7 @@ class CheckpointStager:
         self._batches = []
         self._staged_pages = 0
         self._state = None
+        self._written_pfns = bytearray()
 
     def feed(self, event: CheckpointEvent) -> CompleteCheckpoint | None:
         """Stage one event; on a valid CHECKPOINT_END, return the complete checkpoint.
@@ -1412,6 +1428,10 @@ class CheckpointStager:
             )
         size = count * self._page_size
         pfns = memoryview(pages.pfns).toreadonly()
+        if self.write_through:
+            self._write_through(what, pages, pfns, size)
+            self._staged_pages += count
+            return
         if pages.codec == RAW and len(pages.data) == size:
             data = memoryview(pages.data).toreadonly()  # the frame's own buffer: no copy
         else:
@@ -1424,6 +1444,21 @@ class CheckpointStager:
             data = memoryview(out).toreadonly()
         self._batches.append((pfns, data))
         self._staged_pages += count
+
+    def _write_through(self, what: str, pages: Pages, pfns: memoryview, size: int) -> None:
+        data: BytesLike = pages.data
+        if not (pages.codec == RAW and len(pages.data) == size):
+            if len(self._scratch) < size:
+                self._scratch = bytearray(size)
+            out = memoryview(self._scratch)[:size]
+            try:
+                decode_into(pages.codec, pages.data, pages.pfns, self._replica, out,
+                            self._page_size)
+            except ValueError as exc:
+                raise ProtocolError(f"{what}: {pages.codec} data does not decode: {exc}") from None
+            data = out
+        impl.scatter(self._replica, pfns, data, self._page_size)
+        self._written_pfns += pfns
 
     def _finish(self, what: str, end: CheckpointEnd) -> CompleteCheckpoint:
         if self._state is None:
@@ -1440,9 +1475,16 @@ class CheckpointStager:
             state=self._state,
             digest=end.digest,
             ram_digest=end.ram_digest,
+            applied=self.write_through,
+            page_count=pages,
         )
         if end.digest is not None:
-            digest = checkpoint_digest(done.pfns, done.data, self._state)
+            if self.write_through:
+                written = bytearray(pages * self._page_size)
+                impl.gather(self._replica, self._written_pfns, written, self._page_size)
+                digest = checkpoint_digest(self._written_pfns, written, self._state)
+            else:
+                digest = checkpoint_digest(done.pfns, done.data, self._state)
             if digest != end.digest:
                 raise ProtocolError(
                     f"{what}: digest mismatch (primary {end.digest:#018x}, staged pages give"
@@ -1450,4 +1492,5 @@ class CheckpointStager:
                 )
         self._epoch = None
         self._batches, self._staged_pages, self._state = [], 0, None
+        self._written_pfns = bytearray()
         return done
