@@ -128,3 +128,38 @@ async def test_silent_primary_is_detected_by_heartbeat_timeout() -> None:
         finally:
             primary.kill()
             backup.kill()
+
+
+async def _kill_primary_with_fence(fence: str) -> TremusProcess:
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        backup = await start_tremus(
+            nursery, "backup", "backup", "--listen", f"127.0.0.1:{port}", "--json",
+            "--fence", fence)
+        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+        primary = await start_tremus(
+            nursery, "primary", "protect", "--domain",
+            "microvm:workload=counter,memory=8M,interval_ms=20",
+            "--backup", f"127.0.0.1:{port}", "--interval", "50", "--json")
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 3, what="acks")
+        primary.kill()
+        await backup.wait_for(lambda b: b.of("failover_complete") or b.of("failover_refused"),
+                              what="a failover decision")
+        backup.kill()
+    return backup
+
+
+async def test_a_failing_fence_refuses_the_failover(tmp_path) -> None:
+    backup = await _kill_primary_with_fence("echo cannot reach the PDU >&2; exit 3")
+    refused = backup.of("failover_refused")
+    assert refused and "fencing the primary failed" in refused[0]["reason"]
+    assert "cannot reach the PDU" in refused[0]["reason"]
+    assert not backup.of("failover_started")
+
+
+async def test_a_fence_runs_before_the_guest_starts_here(tmp_path) -> None:
+    marker = tmp_path / "fenced"
+    backup = await _kill_primary_with_fence(
+        f'echo "$TREMUS_FAILOVER_REASON" > {marker}')
+    assert backup.of("failover_complete")
+    assert "closed the connection" in marker.read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from tremus._output import EventPrinter
 from tremus._wiring import NETBUF_KINDS, NetbufError, open_netbuf
 from tremus.domains.base import DomainError
 from tremus.domains.registry import create_domain
-from tremus.engine.backup import BackupOutcome, BackupSession
+from tremus.engine.backup import BackupOutcome, BackupSession, Fence, FencingFailed
 from tremus.engine.config import ConfigError, ProtectionConfig
 from tremus.engine.devices import DeviceError
 from tremus.engine.events import BackupReady, Console, DomainStarted, DomainStopped, EventHub
@@ -58,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--heartbeat", type=float, default=100.0, metavar="MS",
                         help="heartbeat period (default 100)")
     backup.add_argument("--auth-secret-file", metavar="PATH", help="shared secret for HELLO")
+    backup.add_argument("--fence", metavar="CMD",
+                        help="shell command run before failing over; it must stop the old "
+                             "primary for good (exit 0), else the failover is refused")
+    backup.add_argument("--fence-timeout", type=float, default=30.0, metavar="S",
+                        help="give up on the fence command after S seconds (default 30)")
     backup.add_argument("--json", action="store_true", help="one JSON object per line")
     backup.set_defaults(handler=cmd_backup)
 
@@ -119,6 +125,23 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return await run_demo(args.seconds, args.json)
 
 
+def command_fence(command: str, timeout: float) -> Fence:
+    """A fence that runs ``command`` in a shell (TREMUS_FAILOVER_REASON set)."""
+
+    async def fence(reason: str) -> None:
+        with trio.move_on_after(timeout) as scope:
+            result = await trio.run_process(
+                command, shell=True, check=False, stdin=b"", capture_stdout=True,
+                capture_stderr=True, env={**os.environ, "TREMUS_FAILOVER_REASON": reason})
+        if scope.cancelled_caught:
+            raise FencingFailed(f"`{command}` did not finish within {timeout:g} s")
+        if result.returncode != 0:
+            detail = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            raise FencingFailed(f"`{command}` exited with {result.returncode} {detail[0]}".strip())
+
+    return fence
+
+
 async def cmd_backup(args: argparse.Namespace) -> int:
     config = _protection_config(args)
     hub = EventHub()
@@ -132,7 +155,9 @@ async def cmd_backup(args: argparse.Namespace) -> int:
         hub.emit(BackupReady(listen=listener.url))
         stream = await listener.accept()
     session = BackupSession(stream, config=config, hub=hub,
-                            console=lambda line: hub.emit(Console(line=line, host=host)))
+                            console=lambda line: hub.emit(Console(line=line, host=host)),
+                            fence=command_fence(args.fence, args.fence_timeout)
+                            if args.fence else None)
     outcome = await session.run()
     return 0 if outcome is not BackupOutcome.REFUSED else 1
 

@@ -17,6 +17,7 @@ import enum
 import mmap
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from typing import final
 
 import trio
@@ -39,7 +40,9 @@ from tremus.engine.events import (
     PrimaryConnected,
 )
 
-__all__ = ["BackupOutcome", "BackupSession", "PrimaryFailed", "ReplicaDiverged"]
+__all__ = [
+    "BackupOutcome", "BackupSession", "Fence", "FencingFailed", "PrimaryFailed", "ReplicaDiverged",
+]
 
 
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
@@ -55,6 +58,14 @@ def _available_memory() -> int | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+class FencingFailed(Exception):
+    """The fence could not make sure the primary is stopped: do not fail over."""
+
+
+#: ``await fence(reason)``: stop the old primary for good before the guest runs here.
+Fence = Callable[[str], Awaitable[None]]
 
 
 class PrimaryFailed(Exception):
@@ -78,6 +89,11 @@ class BackupSession:
 
     Args:
         stream: the accepted checkpoint stream.
+        fence: called before failing over; it must make sure the primary can no
+            longer run (power it off, cut its network) and return normally, or raise
+            ``FencingFailed`` to refuse the failover. Without it, a backup that loses
+            the primary to a network partition runs the guest while the primary may
+            still be running it (split brain).
         config: heartbeat period and timeout, auth secret.
         hub: where events go.
         console: the failed-over guest's console lines (with the host name).
@@ -92,11 +108,13 @@ class BackupSession:
         hub: EventHub | None = None,
         console: ConsoleSink | None = None,
         peer: str = "primary",
+        fence: Fence | None = None,
     ) -> None:
         self.config = config or ProtectionConfig()
         self.events = hub or EventHub()
         self._console = console
         self._peer = peer
+        self._fence = fence
         self._conn = p.BackupConnection(secret=self.config.auth_secret)
         self._link = Link(self._conn, stream, PrimaryFailed, "primary",
                           stall_timeout=self.config.heartbeat_timeout_ms / 1000
@@ -144,8 +162,7 @@ class BackupSession:
             self.failover.fail(RuntimeError(refused.reason))
             task_status.started(BackupOutcome.REFUSED)
             return BackupOutcome.REFUSED
-        await self._failover(reason, task_status)
-        return BackupOutcome.FAILED_OVER
+        return await self._failover(reason, task_status)
 
     # -- receiving ------------------------------------------------------------------
     async def _serve(self) -> str | None:
@@ -257,9 +274,18 @@ class BackupSession:
 
     # -- failover -------------------------------------------------------------------
     async def _failover(self, reason: str,
-                        task_status: trio.TaskStatus[BackupOutcome]) -> None:
+                        task_status: trio.TaskStatus[BackupOutcome]) -> BackupOutcome:
         assert self._hello is not None and self._replica is not None and self._state is not None
         epoch = self.applied_epoch if self.applied_epoch is not None else -1
+        if self._fence is not None:
+            try:
+                await self._fence(reason)
+            except FencingFailed as exc:
+                refused = FailoverRefused(reason=f"{reason}; fencing the primary failed: {exc}")
+                self.events.emit(refused)
+                self.failover.fail(exc)
+                task_status.started(BackupOutcome.REFUSED)
+                return BackupOutcome.REFUSED
         self.events.emit(FailoverStarted(epoch=epoch, reason=reason))
         domain = restore_domain(self._hello.driver, self._hello.config,
                                 memoryview(self._replica), self._state, console=self._console)
@@ -275,3 +301,4 @@ class BackupSession:
             self.events.emit(complete)
             self.failover.complete(complete)
             task_status.started(BackupOutcome.FAILED_OVER)
+        return BackupOutcome.FAILED_OVER
