@@ -36,17 +36,23 @@ def reached_at_checkpoint(primary: TremusProcess, epoch: int) -> int:
     raise AssertionError(f"no checkpoint_sent for epoch {epoch - 1}")
 
 
-async def test_sigkill_primary_fails_over_and_the_counter_continues() -> None:
+async def start_pair(nursery: trio.Nursery, *backup_args: str,
+                     domain: str = "microvm:workload=counter,memory=16M,interval_ms=20"
+                     ) -> tuple[TremusProcess, TremusProcess]:
+    """A ``tremus backup`` and a ``tremus protect`` to it on loopback (interval 50 ms)."""
     port = free_port()
+    backup = await start_tremus(nursery, "backup", "backup", "--listen", f"127.0.0.1:{port}",
+                                "--json", *backup_args)
+    await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+    primary = await start_tremus(nursery, "primary", "protect", "--domain", domain,
+                                 "--backup", f"127.0.0.1:{port}", "--interval", "50", "--json")
+    return backup, primary
+
+
+async def test_sigkill_primary_fails_over_and_the_counter_continues() -> None:
     async with trio.open_nursery() as nursery:
-        backup = await start_tremus(
-            nursery, "backup", "backup", "--listen", f"127.0.0.1:{port}", "--json",
-            "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_MS))
-        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
-        primary = await start_tremus(
-            nursery, "primary", "protect", "--domain",
-            "microvm:workload=counter,memory=16M,interval_ms=20",
-            "--backup", f"127.0.0.1:{port}", "--interval", "50", "--json")
+        backup, primary = await start_pair(
+            nursery, "--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_MS))
         await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 20, what="20 acks")
         primary.kill()
         killed_at = trio.current_time()
@@ -70,15 +76,8 @@ async def test_sigkill_primary_fails_over_and_the_counter_continues() -> None:
 
 
 async def test_sigkill_backup_primary_continues_unprotected() -> None:
-    port = free_port()
     async with trio.open_nursery() as nursery:
-        backup = await start_tremus(nursery, "backup", "backup", "--listen",
-                                    f"127.0.0.1:{port}", "--json")
-        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
-        primary = await start_tremus(
-            nursery, "primary", "protect", "--domain",
-            "microvm:workload=counter,memory=16M,interval_ms=20",
-            "--backup", f"127.0.0.1:{port}", "--interval", "50", "--json")
+        backup, primary = await start_pair(nursery)
         await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 5, what="acks")
         backup.kill()
         await primary.wait_for(lambda p: p.of("backup_lost"), timeout=10, what="backup_lost")
@@ -107,16 +106,8 @@ async def test_backup_refuses_failover_before_a_complete_checkpoint() -> None:
 
 async def test_silent_primary_is_detected_by_heartbeat_timeout() -> None:
     """A primary that stops talking (SIGSTOP: the socket stays open) is declared dead."""
-    port = free_port()
     async with trio.open_nursery() as nursery:
-        backup = await start_tremus(
-            nursery, "backup", "backup", "--listen", f"127.0.0.1:{port}", "--json",
-            "--heartbeat-timeout", "500")
-        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
-        primary = await start_tremus(
-            nursery, "primary", "protect", "--domain",
-            "microvm:workload=counter,memory=16M,interval_ms=20",
-            "--backup", f"127.0.0.1:{port}", "--interval", "50", "--json")
+        backup, primary = await start_pair(nursery, "--heartbeat-timeout", "500")
         await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 5, what="acks")
         primary.process.send_signal(signal.SIGSTOP)
         stopped_at = trio.current_time()
@@ -131,16 +122,8 @@ async def test_silent_primary_is_detected_by_heartbeat_timeout() -> None:
 
 
 async def _kill_primary_with_fence(fence: str) -> TremusProcess:
-    port = free_port()
     async with trio.open_nursery() as nursery:
-        backup = await start_tremus(
-            nursery, "backup", "backup", "--listen", f"127.0.0.1:{port}", "--json",
-            "--fence", fence)
-        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
-        primary = await start_tremus(
-            nursery, "primary", "protect", "--domain",
-            "microvm:workload=counter,memory=8M,interval_ms=20",
-            "--backup", f"127.0.0.1:{port}", "--interval", "50", "--json")
+        backup, primary = await start_pair(nursery, "--fence", fence)
         await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 3, what="acks")
         primary.kill()
         await backup.wait_for(lambda b: b.of("failover_complete") or b.of("failover_refused"),

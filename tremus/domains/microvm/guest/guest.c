@@ -4,6 +4,7 @@
  */
 #include "abi.h"
 #include "kv.h"
+#include "text.h"
 
 __asm__(
     ".section .text.start, \"ax\"\n"
@@ -29,26 +30,6 @@ static void idle_us(u64 us)
 {
     outl(PORT_IDLE, us > 0xffffffffUL ? 0xffffffffU : (u32)us);
     hlt();
-}
-
-static char *put_str(char *p, const char *s)
-{
-    while (*s)
-        *p++ = *s++;
-    return p;
-}
-
-static char *put_u64(char *p, u64 v)
-{
-    char tmp[20];
-    int n = 0;
-    do {
-        tmp[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n)
-        *p++ = tmp[--n];
-    return p;
 }
 
 static void print(char *end)

@@ -8,6 +8,7 @@
  */
 #include "abi.h"
 #include "kv.h"
+#include "text.h"
 
 #define BI ((volatile struct boot_info *)BOOT_INFO_ADDR)
 
@@ -76,26 +77,6 @@ static u32 csum_fold(u32 sum)
     while (sum >> 16)
         sum = (sum & 0xffff) + (sum >> 16);
     return ~sum & 0xffff;
-}
-
-static char *put_text(char *p, const char *s)
-{
-    while (*s)
-        *p++ = *s++;
-    return p;
-}
-
-static char *put_dec(char *p, u32 v)
-{
-    char tmp[10];
-    int n = 0;
-    do {
-        tmp[n++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
-    while (n)
-        *p++ = tmp[--n];
-    return p;
 }
 
 static void send(u32 len) { outl(PORT_NIC_TX, len); }
@@ -175,7 +156,7 @@ static u32 kv_request(const char *req, u32 n, char *out)
         }
         copy(e->val, val, vlen);
         e->vlen = (u8)vlen;
-        p = put_text(p, "OK ");
+        p = put_str(p, "OK ");
         copy(p, key, klen);
         return (u32)(p - out) + klen;
     }
@@ -195,11 +176,11 @@ static u32 kv_request(const char *req, u32 n, char *out)
         }
         struct entry *e = lookup(key, klen, 0);
         if (!e) {
-            p = put_text(p, "NONE ");
+            p = put_str(p, "NONE ");
             copy(p, key, klen);
             return (u32)(p - out) + klen;
         }
-        p = put_text(p, "VAL ");
+        p = put_str(p, "VAL ");
         copy(p, key, klen);
         p += klen;
         *p++ = ' ';
@@ -208,7 +189,7 @@ static u32 kv_request(const char *req, u32 n, char *out)
     }
     err = "ERR unknown command (SET <key> <value> | GET <key>)";
 fail:
-    return (u32)(put_text(out, err) - out);
+    return (u32)(put_str(out, err) - out);
 }
 
 /* -- the network ------------------------------------------------------------------ */
@@ -320,7 +301,7 @@ void run_kv(void)
     char *p;
     u64 buf = BI->net_buf;
     if (!buf || BI->ip == 0) {
-        p = put_text(kv_line, "kv: needs a NIC and an IP address");
+        p = put_str(kv_line, "kv: needs a NIC and an IP address");
         *p = 0;
         outl(PORT_CONSOLE, (u32)(u64)kv_line);
         outl(PORT_EXIT, 4);
@@ -333,9 +314,9 @@ void run_kv(void)
     rx = (u8 *)(buf + NET_RX_OFFSET);
     tx = (u8 *)(buf + NET_TX_OFFSET);
 
-    p = put_text(kv_line, "kv ready ip=");
+    p = put_str(kv_line, "kv ready ip=");
     for (int i = 0; i < 4; i++) {
-        p = put_dec(p, my_ip[i]);
+        p = put_u64(p, my_ip[i]);
         *p++ = i < 3 ? '.' : 0;
     }
     outl(PORT_CONSOLE, (u32)(u64)kv_line);
