@@ -146,3 +146,17 @@ async def test_a_fence_runs_before_the_guest_starts_here(tmp_path) -> None:
         f'echo "$TREMUS_FAILOVER_REASON" > {marker}')
     assert backup.of("failover_complete")
     assert "closed the connection" in marker.read_text()
+
+
+async def test_sigterm_stops_the_primary_gracefully_without_failover() -> None:
+    async with trio.open_nursery() as nursery:
+        backup, primary = await start_pair(nursery)
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 3, what="acks")
+        primary.process.send_signal(signal.SIGTERM)
+        await primary.exited.wait()
+        assert primary.process.returncode == 0
+        stopped = primary.of("protection_stopped")
+        assert stopped and stopped[0]["reason"] == "stopped by SIGTERM"
+        await backup.exited.wait()
+        assert backup.process.returncode == 0
+        assert not backup.of("failover_started") and not backup.of("failover_refused")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import socket
 import sys
 from collections.abc import Sequence
@@ -162,6 +164,19 @@ async def cmd_backup(args: argparse.Namespace) -> int:
     return 0 if outcome is not BackupOutcome.REFUSED else 1
 
 
+async def _until_done(duration: float | None) -> str:
+    """Until ``duration`` elapses or SIGTERM/SIGINT arrives; the reason, for events.
+
+    A signal stops things gracefully: a protected domain's backup is told (END) and
+    does not fail over, as when a service manager stops the primary.
+    """
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.move_on_after(math.inf if duration is None else duration):
+            async for signum in signals:
+                return f"stopped by {signal.Signals(signum).name}"
+    return "duration elapsed"
+
+
 async def cmd_protect(args: argparse.Namespace) -> int:
     if not args.blackhole and not args.backup:
         raise UsageError("--backup HOST:PORT is required (or --blackhole)")
@@ -192,14 +207,11 @@ async def cmd_protect(args: argparse.Namespace) -> int:
             await nursery.start(session.run)
         except BackupLostError as exc:
             raise UsageError(f"cannot protect: {exc}") from None
-        if args.duration is not None:
-            await trio.sleep(args.duration)
-        else:
-            await trio.sleep_forever()
-        session.stop("duration elapsed")
+        reason = await _until_done(args.duration)
+        session.stop(reason)
         await session.stopped.wait()
         domain.stop()
-    hub.emit(DomainStopped(reason="duration elapsed", host=host))
+    hub.emit(DomainStopped(reason=reason, host=host))
     return 0
 
 
@@ -208,14 +220,10 @@ async def cmd_run(args: argparse.Namespace) -> int:
     hub.add_callback(EventPrinter(args.json))
     host = socket.gethostname()
     domain = create_domain(args.domain, console=lambda line: hub.emit(Console(line=line, host=host)))
-    reason = "duration elapsed"
     async with trio.open_nursery() as nursery:
         hub.emit(DomainStarted(domain=args.domain, ram_bytes=domain.geometry.ram_size, host=host))
         await nursery.start(domain.run)
-        if args.duration is not None:
-            await trio.sleep(args.duration)
-        else:
-            await trio.sleep_forever()
+        reason = await _until_done(args.duration)
         domain.stop()
     hub.emit(DomainStopped(reason=reason, host=host))
     return 0
