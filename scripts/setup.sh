@@ -17,3 +17,8 @@ if [ ${#need[@]} -gt 0 ]; then
     $SUDO apt-get install -y -q "${need[@]}" </dev/null
 fi
 python3 -m pip install -q --disable-pip-version-check -e '.[test]' </dev/null
+# pyenv only sees new console scripts after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
+if ! command -v tremus >/dev/null 2>&1; then
+    echo "note: the 'tremus' command is not on PATH here; 'python3 -m tremus' is the same" >&2
+fi

@@ -1,0 +1,7 @@
+"""``python -m tremus`` is the ``tremus`` command."""
+
+import sys
+
+from tremus.cli import main
+
+sys.exit(main())
