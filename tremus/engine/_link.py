@@ -8,8 +8,9 @@ lost" error with a message that says what happened.
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import Iterable
 from typing import final
 
 import trio
@@ -20,18 +21,6 @@ __all__ = ["Link"]
 
 _COALESCE = 64 * 1024
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
-
-
-async def _with_end_marker(
-    parts: Iterable[p.BytesLike] | AsyncIterable[p.BytesLike],
-) -> AsyncIterator[p.BytesLike]:
-    if isinstance(parts, AsyncIterable):
-        async for part in parts:
-            yield part
-    else:
-        for part in parts:
-            yield part
-    yield b""
 
 
 @final
@@ -111,16 +100,13 @@ class Link:
     async def send(self, event: p.Event) -> int:
         return await self.send_parts(self.conn.send_parts(event))
 
-    async def send_parts(self, parts: Iterable[p.BytesLike] | AsyncIterable[p.BytesLike]) -> int:
+    async def send_parts(self, parts: Iterable[p.BytesLike]) -> int:
         """Send frame pieces in order, small ones coalesced; returns bytes sent.
 
-        ``parts`` may be an (async) iterator that builds frames as it goes: each is
-        sent as soon as it is built, so building the next overlaps the network and the
-        peer. It must yield whole frames before it waits for anything.
+        ``parts`` may be a generator that builds frames as it goes: each is sent as
+        soon as it is built, so building the next overlaps the network and the peer.
         """
         if self.stream is None:
-            if isinstance(parts, AsyncIterable):
-                return sum([len(part) async for part in parts])
             return sum(len(part) for part in parts)
         total = 0
         async with self._send_lock:
@@ -133,7 +119,7 @@ class Link:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self.stall_timeout
                 try:
-                    async for part in _with_end_marker(parts):
+                    for part in itertools.chain(parts, (b"",)):
                         if 0 < len(part) < _COALESCE:
                             pending.append(part)
                             pending_len += len(part)

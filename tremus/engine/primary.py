@@ -23,7 +23,7 @@ import mmap
 import socket
 import time
 from array import array
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import final
 
@@ -51,9 +51,6 @@ from tremus.engine.events import (
 from tremus.transports.codec import DeltaCodec, RawCodec, split_batches
 
 __all__ = ["BackupLostError", "PrimarySession"]
-
-#: PAGES batches of at least this many pages are coded in a worker thread.
-_THREAD_BATCH_PAGES = 128
 
 class BackupLostError(Exception):
     """The backup is gone; the message says why."""
@@ -290,46 +287,26 @@ class PrimarySession:
                            trio.current_time())
         self._inflight[epoch] = record
         conn, codec = self._conn, self._codec
-        frames_send, frames = trio.open_memory_channel[list[p.BytesLike]](1)
 
-        def code(batch_pages: memoryview, batch_pfns: memoryview) -> tuple[p.BytesLike, int]:
-            data = codec.encode(batch_pages, batch_pfns)
-            return data, int(impl.hash64(data, impl.hash64(batch_pfns)))
-
-        async def build() -> None:
-            # Frames are coded and checksummed here — large batches in a worker
-            # thread (the native code releases the GIL) — while the previous frame is
-            # on the wire. Byte counts are recorded before the last frame leaves: its
-            # ACK may be handled before this task runs again.
-            async with frames_send:
-                coded = 0
-                await frames_send.send(conn.send_parts(p.CheckpointBegin(epoch, full)))
-                for batch_pfns, batch_pages in split_batches(pfns, pages, self._page_size):
-                    if len(batch_pfns) >= 8 * _THREAD_BATCH_PAGES:
-                        data, checksum = await trio.to_thread.run_sync(
-                            code, batch_pages, batch_pfns)
-                    else:
-                        data, checksum = code(batch_pages, batch_pfns)
-                    coded += len(data)
-                    parts = conn.send_parts(
-                        p.Pages(epoch, batch_pfns, data, codec.name, checksum))
-                    record.bytes_sent += sum(len(part) for part in parts)
-                    await frames_send.send(parts)
-                parts = conn.send_parts(p.State(epoch, state))
-                parts += conn.send_parts(
-                    p.CheckpointEnd(epoch, count, coded, digest, ram_digest))
+        def frames() -> Iterator[p.BytesLike]:
+            # Built one PAGES frame at a time, each sent before the next is coded.
+            # Byte counts are recorded before the last frame leaves: its ACK may be
+            # handled before this task runs again.
+            coded = 0
+            parts = conn.send_parts(p.CheckpointBegin(epoch, full))
+            for batch_pfns, batch_pages in split_batches(pfns, pages, self._page_size):
+                data = codec.encode(batch_pages, batch_pfns)
+                coded += len(data)
+                parts += conn.send_parts(p.Pages(epoch, batch_pfns, data, codec.name))
                 record.bytes_sent += sum(len(part) for part in parts)
-                await frames_send.send(parts)
+                yield from parts
+                parts = []
+            parts += conn.send_parts(p.State(epoch, state))
+            parts += conn.send_parts(p.CheckpointEnd(epoch, count, coded, digest, ram_digest))
+            record.bytes_sent += sum(len(part) for part in parts)
+            yield from parts
 
-        async def parts_of_frames() -> AsyncIterator[p.BytesLike]:
-            async with frames:
-                async for frame in frames:
-                    for part in frame:
-                        yield part
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(build)
-            await self._link.send_parts(parts_of_frames())
+        await self._link.send_parts(frames())
         self.events.emit(CheckpointSent(epoch=epoch, dirty_pages=count,
                                         bytes_sent=record.bytes_sent, pause_us=round(pause_us, 1)))
 
