@@ -54,14 +54,21 @@ class CuttingStream(trio.abc.Stream):
         self.cut_done = trio.Event()
 
         self.skip = 0
+        self.wait_for_pages = False
 
-    def cut(self, after: int = 0) -> None:
-        """Cut the next send (after letting ``after`` more sends through)."""
+    def cut(self, after: int = 0, *, after_pages: bool = False) -> None:
+        """Cut the next send (after letting ``after`` more sends through, or, with
+        ``after_pages``, the next send of page data: the cut then lands after at
+        least one whole PAGES frame of a checkpoint, before its end)."""
         self.armed = True
         self.skip = after
+        self.wait_for_pages = after_pages
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.armed and self.skip:
+        if self.armed and self.wait_for_pages:
+            if len(data) >= 1 << 20:
+                self.wait_for_pages = False
+        elif self.armed and self.skip:
             self.skip -= 1
         elif self.armed and not self.cut_done.is_set() and len(data) > 64:
             await self.inner.send_all(memoryview(data)[: len(data) // 2])
@@ -352,3 +359,23 @@ async def test_a_large_guest_synchronises_without_looking_dead() -> None:
         pair.primary.stop()
         await pair.backup_done.wait()
         assert pair.outcome is BackupOutcome.ENDED
+
+
+async def test_a_checkpoint_cut_half_way_leaves_the_replica_at_the_last_complete_one() -> None:
+    config = ProtectionConfig(interval_ms=150, codec="raw")
+    # ~3000 pages an epoch: several PAGES frames per checkpoint.
+    spec = "microvm:workload=dirty,memory=32M,ws=16M,rate=20000,pattern=sequential"
+    snapshots = RamSnapshots()
+    cutter: list[CuttingStream] = []
+
+    def wrap(stream: trio.abc.Stream) -> CuttingStream:
+        cutter.append(CuttingStream(stream))
+        return cutter[0]
+
+    async with protected(spec, config, wrap=wrap, devices=[snapshots]) as pair:
+        await wait_until(lambda: len(pair.of(CheckpointAcked)) >= 4)
+        cutter[0].cut(after_pages=True)  # whole PAGES frames arrive, then the cut
+        await wait_until(lambda: pair.of(FailoverComplete, "backup"))
+        epoch = pair.backup.applied_epoch
+        assert epoch is not None
+        assert pair.backup.replica == snapshots.by_epoch[epoch]
