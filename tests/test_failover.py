@@ -160,3 +160,33 @@ async def test_sigterm_stops_the_primary_gracefully_without_failover() -> None:
         await backup.exited.wait()
         assert backup.process.returncode == 0
         assert not backup.of("failover_started") and not backup.of("failover_refused")
+
+
+async def test_reprotect_to_a_replacement_backup_then_fail_over_to_it() -> None:
+    port = free_port()
+    spec = "microvm:workload=counter,memory=16M,interval_ms=20"
+    async with trio.open_nursery() as nursery:
+        first = await start_tremus(nursery, "backup-1", "backup", "--listen",
+                                   f"127.0.0.1:{port}", "--json")
+        await first.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+        primary = await start_tremus(
+            nursery, "primary", "protect", "--domain", spec, "--backup", f"127.0.0.1:{port}",
+            "--interval", "50", "--reprotect", "0.2", "--json")
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 3, what="acks")
+        first.kill()
+        await primary.wait_for(lambda p: p.of("backup_lost"), what="backup_lost")
+        second = await start_tremus(nursery, "backup-2", "backup", "--listen",
+                                    f"127.0.0.1:{port}", "--json")
+        # Protected again: a second protection_started, then acks from the new backup.
+        await primary.wait_for(lambda p: len(p.of("protection_started")) >= 2,
+                               what="protection started again")
+        acks_before = len(primary.of("checkpoint_acked"))
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= acks_before + 5,
+                               what="acks from the new backup")
+        last = counters(primary.events)[-1]
+        primary.kill()
+        await second.wait_for(lambda b: b.of("failover_complete"), what="failover")
+        await second.wait_for(lambda b: len(counters(b.events)) >= 2, what="counter on backup 2")
+        resumed = counters(second.events)
+        assert 1 < resumed[0] <= last + 1  # continued from a checkpoint, not from scratch
+        second.kill()

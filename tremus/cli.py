@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 
 import trio
@@ -17,7 +18,7 @@ from tremus import transports
 from tremus._groups import collapse_groups
 from tremus._output import EventPrinter
 from tremus._wiring import NETBUF_KINDS, NetbufError, open_netbuf
-from tremus.domains.base import DomainError
+from tremus.domains.base import Domain, DomainError
 from tremus.domains.registry import create_domain
 from tremus.engine.backup import BackupOutcome, BackupSession, Fence, FencingFailed
 from tremus.engine.config import ConfigError, ProtectionConfig
@@ -93,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--unsafe", action="store_true",
                          help="allow --netbuf none for a domain with a NIC (output is not held)")
     protect.add_argument("--max-inflight", type=int, default=4, metavar="N")
+    protect.add_argument("--reprotect", type=float, nargs="?", const=2.0, metavar="S",
+                         help="when the backup is lost, try every S seconds (default 2) to "
+                              "protect again, to it or its replacement at the same address")
     protect.add_argument("--heartbeat-timeout", type=float, default=1000.0, metavar="MS")
     protect.add_argument("--heartbeat", type=float, default=100.0, metavar="MS")
     protect.add_argument("--auth-secret-file", metavar="PATH", help="shared secret for HELLO")
@@ -187,12 +191,54 @@ async def cmd_protect(args: argparse.Namespace) -> int:
     hub.add_callback(EventPrinter(args.json))
     host = socket.gethostname()
     domain = create_domain(args.domain, console=lambda line: hub.emit(Console(line=line, host=host)))
-    stream = None
-    if not args.blackhole:
-        try:
-            stream = await transports.connect(_url(args.backup))
-        except transports.InvalidURL as exc:
-            raise UsageError(str(exc)) from None
+    stream = await _connect_backup(args)
+    async with trio.open_nursery() as nursery:
+        hub.emit(DomainStarted(domain=args.domain, ram_bytes=domain.geometry.ram_size, host=host))
+        await nursery.start(domain.run)
+        done = trio.Event()
+        reason = "duration elapsed"
+
+        async def watch() -> None:
+            nonlocal reason
+            reason = await _until_done(args.duration)
+            done.set()
+
+        nursery.start_soon(watch)
+        while True:
+            lost = await _protect_once(args, domain, stream, config, hub, done, lambda: reason)
+            if not lost or args.reprotect is None:
+                break
+            # The backup is gone and the guest runs unprotected: keep trying to
+            # protect it again (a new session, starting with a full checkpoint).
+            stream = None
+            while stream is None and not done.is_set():
+                with trio.move_on_after(args.reprotect):
+                    await done.wait()
+                if not done.is_set():
+                    with contextlib.suppress(OSError):
+                        stream = await _connect_backup(args)
+            if done.is_set():
+                break
+        await done.wait()
+        domain.stop()
+        nursery.cancel_scope.cancel()
+    hub.emit(DomainStopped(reason=reason, host=host))
+    return 0
+
+
+async def _connect_backup(args: argparse.Namespace) -> trio.abc.Stream | None:
+    if args.blackhole:
+        return None
+    try:
+        return await transports.connect(_url(args.backup))
+    except transports.InvalidURL as exc:
+        raise UsageError(str(exc)) from None
+
+
+async def _protect_once(args: argparse.Namespace, domain: Domain,
+                        stream: trio.abc.Stream | None, config: ProtectionConfig,
+                        hub: EventHub, done: trio.Event, reason: Callable[[], str]) -> bool:
+    """One protection session until ``done`` (False) or the backup is lost (True)."""
     async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
         try:
             devices = await open_netbuf(args.netbuf, domain, stack, unsafe=args.unsafe,
@@ -201,18 +247,25 @@ async def cmd_protect(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from None
         session = PrimarySession(domain, stream, config=config, hub=hub, devices=devices,
                                  backup_name="blackhole" if args.blackhole else args.backup)
-        hub.emit(DomainStarted(domain=args.domain, ram_bytes=domain.geometry.ram_size, host=host))
-        await nursery.start(domain.run)
         try:
             await nursery.start(session.run)
         except BackupLostError as exc:
+            if args.reprotect is not None and stream is not None and session.epochs_acked == 0:
+                return True  # a backup that refused us now may accept later
             raise UsageError(f"cannot protect: {exc}") from None
-        reason = await _until_done(args.duration)
-        session.stop(reason)
+
+        async def until(event: trio.Event, scope: trio.CancelScope) -> None:
+            await event.wait()
+            scope.cancel()
+
+        with trio.CancelScope() as waiting:
+            async with trio.open_nursery() as watchers:
+                watchers.start_soon(until, done, waiting)
+                watchers.start_soon(until, session.lost, waiting)
+        lost = session.lost.is_set() and not done.is_set()
+        session.stop("backup lost; protecting again" if lost else reason())
         await session.stopped.wait()
-        domain.stop()
-    hub.emit(DomainStopped(reason=reason, host=host))
-    return 0
+        return lost
 
 
 async def cmd_run(args: argparse.Namespace) -> int:

@@ -115,6 +115,8 @@ class PrimarySession:
         self._stop = trio.Event()
         #: Set once ``run`` has finished (END sent, devices torn down).
         self.stopped = trio.Event()
+        #: Set when the backup is lost (the guest runs on, unprotected).
+        self.lost = trio.Event()
         self._stop_reason = "stopped"
         self._lost: str | None = None
         #: Completes when the backup has accepted protection (or fails if it did not).
@@ -373,6 +375,7 @@ class PrimarySession:
             return
         self._lost = reason
         self.protected = False
+        self.lost.set()
         with trio.CancelScope(shield=True):
             try:
                 await self._devices.release_all()
