@@ -221,12 +221,14 @@ async def test_cut_before_the_first_checkpoint_refuses_failover() -> None:
         assert pair.backup.domain is None
 
 
-async def test_blackhole_acks_every_checkpoint_at_once() -> None:
+@pytest.mark.parametrize("via_url", [False, True])
+async def test_blackhole_acks_every_checkpoint_at_once(via_url: bool) -> None:
     domain = create_domain("microvm:workload=dirty,memory=8M,ws=1M,rate=2000")
     events: list[Event] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(domain.run)
-        session = PrimarySession(domain, None, config=ProtectionConfig(interval_ms=10))
+        stream = await transports.connect("blackhole://") if via_url else None
+        session = PrimarySession(domain, stream, config=ProtectionConfig(interval_ms=10))
         session.events.add_callback(events.append)
         await nursery.start(session.run)
         await wait_until(lambda: len([e for e in events if isinstance(e, CheckpointAcked)]) >= 20)

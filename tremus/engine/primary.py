@@ -20,7 +20,6 @@ because of the backup: nothing in the pause waits on the network.
 from __future__ import annotations
 
 import mmap
-import socket
 import time
 from array import array
 from collections.abc import Iterator, Sequence
@@ -95,6 +94,8 @@ class PrimarySession:
         self.domain = domain
         self.config = config or ProtectionConfig()
         self.events = hub or EventHub()
+        if getattr(stream, "acks_immediately", False):
+            stream = None  # transports.connect("blackhole://"): the same as no stream
         self._stream = stream
         self._devices = DeviceRunner(devices)
         self._backup_name = backup_name or ("blackhole" if stream is None else "backup")
@@ -384,6 +385,3 @@ class PrimarySession:
         self._inflight.clear()
         self.events.emit(BackupLost(reason=reason, last_acked_epoch=self.last_acked_epoch))
 
-
-def host_name() -> str:
-    return socket.gethostname()
