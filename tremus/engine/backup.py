@@ -187,7 +187,7 @@ class BackupSession:
                 # Tell the primary why (the connection is in error: a raw END frame).
                 with trio.move_on_after(1), contextlib.suppress(*_IO_ERRORS):
                     await self._link.stream.send_all(  # type: ignore[union-attr]
-                        p.encode_frame(p.End(f"refused: {exc.__cause__}")))
+                        p.encode_frame(p.End(str(exc.__cause__))))
             raise
         if not isinstance(event, p.Hello):
             raise PrimaryFailed(f"expected HELLO, got {type(event).__name__}")
