@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "primary for good (exit 0), else the failover is refused")
     backup.add_argument("--fence-timeout", type=float, default=30.0, metavar="S",
                         help="give up on the fence command after S seconds (default 30)")
+    _tls_options(backup, "this backup's certificate (required to listen on tls://)",
+                 "CA the primary's certificate must be signed by (mutual TLS)")
     backup.add_argument("--json", action="store_true", help="one JSON object per line")
     backup.set_defaults(handler=cmd_backup)
 
@@ -100,10 +103,33 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--heartbeat-timeout", type=float, default=1000.0, metavar="MS")
     protect.add_argument("--heartbeat", type=float, default=100.0, metavar="MS")
     protect.add_argument("--auth-secret-file", metavar="PATH", help="shared secret for HELLO")
+    _tls_options(protect, "this primary's certificate, for mutual TLS",
+                 "CA the backup's certificate must be signed by (default: the system's)")
     protect.add_argument("--duration", type=_duration, metavar="S", help="stop after S seconds")
     protect.add_argument("--json", action="store_true", help="one JSON object per line")
     protect.set_defaults(handler=cmd_protect)
     return parser
+
+
+def _tls_options(parser: argparse.ArgumentParser, cert_help: str, ca_help: str) -> None:
+    parser.add_argument("--tls-cert", metavar="PEM", help=cert_help + " (tls:// URLs)")
+    parser.add_argument("--tls-key", metavar="PEM", help="its private key, if not in --tls-cert")
+    parser.add_argument("--tls-ca", metavar="PEM", help=ca_help)
+
+
+def _ssl_context(args: argparse.Namespace, url: str, *, server: bool) -> ssl.SSLContext | None:
+    if not url.startswith("tls://"):
+        if args.tls_cert or args.tls_ca:
+            raise UsageError("--tls-cert/--tls-ca need a tls:// address")
+        return None
+    try:
+        if server:
+            if not args.tls_cert:
+                raise UsageError("listening on tls:// needs --tls-cert (and --tls-key)")
+            return transports.server_context(args.tls_cert, args.tls_key, args.tls_ca)
+        return transports.client_context(args.tls_ca, args.tls_cert, args.tls_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"TLS setup: {exc}") from None
 
 
 def _url(address: str) -> str:
@@ -154,7 +180,8 @@ async def cmd_backup(args: argparse.Namespace) -> int:
     hub.add_callback(EventPrinter(args.json))
     host = socket.gethostname()
     try:
-        listener = await transports.listen(_url(args.listen))
+        url = _url(args.listen)
+        listener = await transports.listen(url, ssl_context=_ssl_context(args, url, server=True))
     except transports.InvalidURL as exc:
         raise UsageError(str(exc)) from None
     async with listener:
@@ -229,8 +256,9 @@ async def cmd_protect(args: argparse.Namespace) -> int:
 async def _connect_backup(args: argparse.Namespace) -> trio.abc.Stream | None:
     if args.blackhole:
         return None
+    url = _url(args.backup)
     try:
-        return await transports.connect(_url(args.backup))
+        return await transports.connect(url, ssl_context=_ssl_context(args, url, server=False))
     except transports.InvalidURL as exc:
         raise UsageError(str(exc)) from None
 

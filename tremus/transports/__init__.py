@@ -7,6 +7,7 @@ nothing about sockets.
 
 =========================  ====================================================
 ``tcp://HOST:PORT``        TCP (``[v6]`` in brackets); Nagle off, large buffers
+``tls://HOST:PORT``        the same inside TLS (``ssl_context``: certificates)
 ``unix:///PATH``           Unix-domain socket (``unix://@NAME``: abstract name)
 ``memory://NAME``          in-process pair, for tests and demos (one Trio run)
 ``blackhole://``           ``connect`` only: swallows everything, never answers
@@ -17,6 +18,7 @@ The backup listens and the primary connects.
 
 from __future__ import annotations
 
+import ssl
 from typing import TypeAlias
 
 import trio
@@ -25,12 +27,15 @@ from . import codec
 from ._listener import Listener
 from ._memory import BlackholeStream, connect_memory, listen_memory, memory_pair
 from ._sockets import DEFAULT_BUFFER_SIZE, connect_tcp, connect_unix, listen_tcp, listen_unix
+from ._tls import client_context, connect_tls, listen_tls, server_context
 from ._url import SCHEMES, InvalidURL, TransportURL, parse_url
 
 __all__ = [
     "Stream",
     "Listener",
     "BlackholeStream",
+    "client_context",
+    "server_context",
     "InvalidURL",
     "TransportURL",
     "SCHEMES",
@@ -47,7 +52,10 @@ Stream: TypeAlias = trio.abc.Stream
 
 
 async def connect(
-    url: str | TransportURL, *, buffer_size: int | None = DEFAULT_BUFFER_SIZE
+    url: str | TransportURL,
+    *,
+    buffer_size: int | None = DEFAULT_BUFFER_SIZE,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Stream:
     """Open a stream to ``url``.
 
@@ -55,6 +63,8 @@ async def connect(
         url: a transport URL, see the module docstring.
         buffer_size: TCP socket buffer size to ask for; ``None`` leaves the kernel's
             autotuning alone. Not used by other transports.
+        ssl_context: for ``tls://``: whom to trust (default: the system's CAs) and,
+            for mutual TLS, our certificate (see ``client_context``).
 
     Raises:
         InvalidURL: ``url`` is malformed.
@@ -64,6 +74,8 @@ async def connect(
     match parsed.scheme:
         case "tcp":
             return await connect_tcp(parsed, buffer_size)
+        case "tls":
+            return await connect_tls(parsed, ssl_context, buffer_size)
         case "unix":
             return await connect_unix(parsed)
         case "memory":
@@ -78,6 +90,7 @@ async def listen(
     *,
     buffer_size: int | None = DEFAULT_BUFFER_SIZE,
     backlog: int = 16,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> Listener:
     """Listen on ``url``; ``listener.url`` is the address to give to peers.
 
@@ -92,6 +105,8 @@ async def listen(
     match parsed.scheme:
         case "tcp":
             return await listen_tcp(parsed, buffer_size, backlog)
+        case "tls":
+            return await listen_tls(parsed, ssl_context, buffer_size, backlog)
         case "unix":
             return await listen_unix(parsed, backlog)
         case "memory":

@@ -1,4 +1,5 @@
-"""Transport URLs: ``tcp://HOST:PORT``, ``unix:///path``, ``memory://NAME``, ``blackhole://``."""
+"""Transport URLs: ``tcp://HOST:PORT``, ``tls://HOST:PORT``, ``unix:///path``,
+``memory://NAME``, ``blackhole://``."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from typing import Final, final
 
 __all__ = ["InvalidURL", "TransportURL", "parse_url", "SCHEMES"]
 
-SCHEMES: Final = ("tcp", "unix", "memory", "blackhole")
-_FORMS: Final = "tcp://HOST:PORT, tcp://[IPV6]:PORT, unix:///PATH, memory://NAME or blackhole://"
+SCHEMES: Final = ("tcp", "tls", "unix", "memory", "blackhole")
+_FORMS: Final = (
+    "tcp://HOST:PORT, tcp://[IPV6]:PORT, tls://HOST:PORT, unix:///PATH, memory://NAME "
+    "or blackhole://"
+)
 #: sun_path is 108 bytes on Linux, one of them the terminating NUL.
 _MAX_UNIX_PATH: Final = 107
 
@@ -33,9 +37,9 @@ class TransportURL:
     path: str = ""
 
     def __str__(self) -> str:
-        if self.scheme == "tcp":
+        if self.scheme in ("tcp", "tls"):
             host = f"[{self.host}]" if ":" in self.host else self.host
-            return f"tcp://{host}:{self.port}"
+            return f"{self.scheme}://{host}:{self.port}"
         if self.scheme == "unix" and self.path.startswith("\0"):
             return f"unix://@{self.path[1:]}"
         return f"{self.scheme}://{self.path}"
@@ -56,9 +60,9 @@ def parse_url(url: str) -> TransportURL:
         raise InvalidURL(url, f"no scheme; expected {_FORMS}")
     if scheme not in SCHEMES:
         raise InvalidURL(url, f"unknown scheme {scheme!r}; expected {_FORMS}")
-    if scheme == "tcp":
+    if scheme in ("tcp", "tls"):
         host, port = _host_port(url, rest)
-        return TransportURL("tcp", host=host, port=port)
+        return TransportURL(scheme, host=host, port=port)
     if scheme == "unix":
         if not rest:
             raise InvalidURL(url, "no socket path; expected unix:///PATH or unix://@ABSTRACT")
