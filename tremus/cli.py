@@ -26,6 +26,7 @@ from tremus.engine.config import ConfigError, ProtectionConfig
 from tremus.engine.devices import DeviceError
 from tremus.engine.events import BackupReady, Console, DomainStarted, DomainStopped, EventHub
 from tremus.engine.primary import BackupLostError, PrimarySession
+from tremus.metrics import Metrics, serve_metrics
 
 __all__ = ["main"]
 
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="give up on the fence command after S seconds (default 30)")
     _tls_options(backup, "this backup's certificate (required to listen on tls://)",
                  "CA the primary's certificate must be signed by (mutual TLS)")
+    backup.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
     backup.add_argument("--json", action="store_true", help="one JSON object per line")
     backup.set_defaults(handler=cmd_backup)
 
@@ -106,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _tls_options(protect, "this primary's certificate, for mutual TLS",
                  "CA the backup's certificate must be signed by (default: the system's)")
     protect.add_argument("--duration", type=_duration, metavar="S", help="stop after S seconds")
+    protect.add_argument("--metrics", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics")
     protect.add_argument("--json", action="store_true", help="one JSON object per line")
     protect.set_defaults(handler=cmd_protect)
     return parser
@@ -184,15 +189,30 @@ async def cmd_backup(args: argparse.Namespace) -> int:
         listener = await transports.listen(url, ssl_context=_ssl_context(args, url, server=True))
     except transports.InvalidURL as exc:
         raise UsageError(str(exc)) from None
-    async with listener:
-        hub.emit(BackupReady(listen=listener.url))
-        stream = await listener.accept()
-    session = BackupSession(stream, config=config, hub=hub,
-                            console=lambda line: hub.emit(Console(line=line, host=host)),
-                            fence=command_fence(args.fence, args.fence_timeout)
-                            if args.fence else None)
-    outcome = await session.run()
+    async with trio.open_nursery() as nursery:
+        await _start_metrics(nursery, args, hub, "backup")
+        async with listener:
+            hub.emit(BackupReady(listen=listener.url))
+            stream = await listener.accept()
+        session = BackupSession(stream, config=config, hub=hub,
+                                console=lambda line: hub.emit(Console(line=line, host=host)),
+                                fence=command_fence(args.fence, args.fence_timeout)
+                                if args.fence else None)
+        outcome = await session.run()
+        nursery.cancel_scope.cancel()
     return 0 if outcome is not BackupOutcome.REFUSED else 1
+
+
+async def _start_metrics(nursery: trio.Nursery, args: argparse.Namespace, hub: EventHub,
+                         role: str) -> None:
+    if not args.metrics:
+        return
+    host, _, port = args.metrics.rpartition(":")
+    if not port.isdigit():
+        raise UsageError(f"--metrics {args.metrics!r}: expected HOST:PORT")
+    metrics = Metrics(role)
+    metrics.attach(hub)
+    await nursery.start(serve_metrics, metrics, host or "127.0.0.1", int(port))
 
 
 async def _until_done(duration: float | None) -> str:
@@ -220,6 +240,7 @@ async def cmd_protect(args: argparse.Namespace) -> int:
     domain = create_domain(args.domain, console=lambda line: hub.emit(Console(line=line, host=host)))
     stream = await _connect_backup(args)
     async with trio.open_nursery() as nursery:
+        await _start_metrics(nursery, args, hub, "primary")
         hub.emit(DomainStarted(domain=args.domain, ram_bytes=domain.geometry.ram_size, host=host))
         await nursery.start(domain.run)
         done = trio.Event()
