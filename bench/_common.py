@@ -196,3 +196,23 @@ def emit(bench: str, results: list[dict[str, Any]], **extra: Any) -> None:
     json.dump(doc, sys.stdout, indent=2)
     sys.stdout.write("\n")
     sys.stdout.flush()
+
+
+async def protect_until(domain: Any, stream: Any, config: Any, on_event: Callable[[Any], None],
+                        enough: Any, timeout: float) -> None:
+    """Run ``domain`` protected by a real ``PrimarySession`` until ``enough`` is set
+    (an ``trio.Event`` that ``on_event`` sets), then stop both."""
+    import trio
+
+    from tremus.engine.primary import PrimarySession
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(domain.run)
+        session = PrimarySession(domain, stream, config=config)
+        session.events.add_callback(on_event)
+        await nursery.start(session.run)
+        with trio.fail_after(timeout):
+            await enough.wait()
+        session.stop()
+        await session.stopped.wait()
+        domain.stop()

@@ -39,7 +39,6 @@ from tremus.accel import impl  # noqa: E402
 from tremus.domains.registry import create_domain  # noqa: E402
 from tremus.engine.config import ProtectionConfig  # noqa: E402
 from tremus.engine.events import CheckpointAcked, Event  # noqa: E402
-from tremus.engine.primary import PrimarySession  # noqa: E402
 from tremus.transports.codec import DeltaCodec  # noqa: E402
 
 PAGE = 4096
@@ -63,16 +62,8 @@ async def ratio(pattern: str, ws_pages: int, epochs: int, interval_ms: float) ->
             if len(acked) >= WARMUP + epochs:
                 enough.set()
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(domain.run)
-        session = PrimarySession(domain, None, config=cfg)
-        session.events.add_callback(on_event)
-        await nursery.start(session.run)
-        with trio.fail_after(60 + (WARMUP + epochs) * interval_ms / 1000 * 3):
-            await enough.wait()
-        session.stop()
-        await session.stopped.wait()
-        domain.stop()
+    await _common.protect_until(domain, None, cfg, on_event, enough,
+                                60 + (WARMUP + epochs) * interval_ms / 1000 * 3)
     rows = acked[WARMUP : WARMUP + epochs]
     raw = sum(e.raw_bytes for e in rows)
     sent = sum(e.bytes_sent for e in rows)

@@ -47,7 +47,6 @@ from tremus.domains.registry import create_domain  # noqa: E402
 from tremus.engine.backup import BackupSession  # noqa: E402
 from tremus.engine.config import ProtectionConfig  # noqa: E402
 from tremus.engine.events import CheckpointAcked, Event  # noqa: E402
-from tremus.engine.primary import PrimarySession  # noqa: E402
 
 RATE = 40_000  # pages/s asked of the guest; what it achieves is measured
 WARMUP = 3  # epochs dropped: the full first checkpoint and the cache warm-up
@@ -124,15 +123,8 @@ async def measure(mode: str, pages: int, epochs: int, interval_ms: float) -> dic
 
             nursery.start_soon(serve)
             stream = await transports.connect(listener.url)
-        await nursery.start(domain.run)
-        session = PrimarySession(domain, stream, config=cfg)
-        session.events.add_callback(on_event)
-        await nursery.start(session.run)
-        with trio.fail_after(60 + (WARMUP + epochs) * interval_ms / 1000 * 3):
-            await enough.wait()
-        session.stop()
-        await session.stopped.wait()
-        domain.stop()
+        await _common.protect_until(domain, stream, cfg, on_event, enough,
+                                    60 + (WARMUP + epochs) * interval_ms / 1000 * 3)
     rows = acked[WARMUP : WARMUP + epochs]
     pause = sorted(e.pause_us for e in rows)
     guest = sorted(guest_pause[e.epoch] for e in rows if e.epoch in guest_pause)
