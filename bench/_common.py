@@ -179,9 +179,11 @@ def gbps(nbytes: int, seconds: float) -> float:
 
 
 def arg_parser(description: str) -> argparse.ArgumentParser:
-    """The common command line: ``--quick`` (under a minute)."""
+    """The common command line: ``--quick`` (under a minute), and a hidden ``--smoke``
+    (one tiny row, for the tests)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true", help="finish in under a minute")
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 

@@ -23,7 +23,6 @@ of the same, as GB/s of page data, against memcpy of the same bytes.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from array import array
@@ -167,6 +166,5 @@ async def main(quick: bool, smoke: bool) -> None:
 
 if __name__ == "__main__":
     parser = _common.arg_parser(__doc__ or "")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     trio.run(main, args.quick, args.smoke)

@@ -31,7 +31,6 @@ Target: pause <= 1000 us at 1024 dirty pages (Remus: ~4.4 ms on 2008 hardware).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -184,6 +183,5 @@ async def main(quick: bool, smoke: bool) -> None:
 
 if __name__ == "__main__":
     parser = _common.arg_parser(__doc__ or "")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     trio.run(main, args.quick, args.smoke)

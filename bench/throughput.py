@@ -545,7 +545,6 @@ async def main(quick: bool, smoke: bool, profile_on: bool) -> None:
 
 if __name__ == "__main__":
     parser = _common.arg_parser(__doc__ or "")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the engine's raw checkpoints in one process (stderr)")
