@@ -145,7 +145,9 @@ async def test_a_fence_runs_before_the_guest_starts_here(tmp_path) -> None:
     backup = await _kill_primary_with_fence(
         f'echo "$TREMUS_FAILOVER_REASON" > {marker}')
     assert backup.of("failover_complete")
-    assert "closed the connection" in marker.read_text()
+    # A SIGKILLed primary's connection closes (EOF) or is reset, by timing.
+    reason = marker.read_text()
+    assert "closed the connection" in reason or "Connection reset" in reason, reason
 
 
 async def test_sigterm_stops_the_primary_gracefully_without_failover() -> None:

@@ -767,8 +767,8 @@ def test_wrong_version_names_both() -> None:
 def test_primary_rejects_wrong_welcome_version() -> None:
     p = PrimaryConnection()
     p.send(hello())
-    p.receive_data(header_frame({"type": "WELCOME", "version": 2, "features": [], "auth": None}))
-    with pytest.raises(RemoteProtocolError, match="backup speaks protocol version 2"):
+    p.receive_data(header_frame({"type": "WELCOME", "version": 1, "features": [], "auth": None}))
+    with pytest.raises(RemoteProtocolError, match="backup speaks protocol version 1"):
         p.next_event()
 
 

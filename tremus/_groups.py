@@ -14,12 +14,17 @@ def leaves(exc: BaseException) -> list[BaseException]:
 
 
 @contextmanager
-def collapse_groups() -> Iterator[None]:
-    """Re-raise a group holding exactly one exception as that exception."""
+def collapse_groups(*same: type[BaseException]) -> Iterator[None]:
+    """Re-raise a group holding exactly one exception as that exception.
+
+    With ``same`` given, a group whose exceptions are all of those types is re-raised
+    as its first: several tasks often notice one failure at once (a send and a
+    receive on a dead connection), and that is still one failure.
+    """
     try:
         yield
     except BaseExceptionGroup as group:
         found = leaves(group)
-        if len(found) == 1:
+        if len(found) == 1 or (same and all(isinstance(e, same) for e in found)):
             raise found[0] from None
         raise

@@ -10,6 +10,7 @@ import signal
 import socket
 import ssl
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 
@@ -25,6 +26,7 @@ from tremus.engine.backup import BackupOutcome, BackupSession, Fence, FencingFai
 from tremus.engine.config import ConfigError, ProtectionConfig
 from tremus.engine.devices import DeviceError
 from tremus.engine.events import BackupReady, Console, DomainStarted, DomainStopped, EventHub
+from tremus.engine.ownership import Ownership
 from tremus.engine.primary import BackupLostError, PrimarySession
 from tremus.metrics import Metrics, serve_metrics
 
@@ -67,8 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     backup.add_argument("--fence", metavar="CMD",
                         help="shell command run before failing over; it must stop the old "
                              "primary for good (exit 0), else the failover is refused")
-    backup.add_argument("--fence-timeout", type=float, default=30.0, metavar="S",
-                        help="give up on the fence command after S seconds (default 30)")
+    backup.add_argument("--fence-timeout", type=_duration, default=10.0, metavar="S",
+                        help="give up on the fence command after S seconds (default 10); "
+                             "after losing this backup the primary holds its output this "
+                             "much longer")
+    _arbiter_options(backup)
     _tls_options(backup, "this backup's certificate (required to listen on tls://)",
                  "CA the primary's certificate must be signed by (mutual TLS)")
     backup.add_argument("--metrics", metavar="HOST:PORT",
@@ -103,8 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--reprotect", type=float, nargs="?", const=2.0, metavar="S",
                          help="when the backup is lost, try every S seconds (default 2) to "
                               "protect again, to it or its replacement at the same address")
-    protect.add_argument("--heartbeat-timeout", type=float, default=1000.0, metavar="MS")
-    protect.add_argument("--heartbeat", type=float, default=100.0, metavar="MS")
+    protect.add_argument("--heartbeat-timeout", type=float, default=1000.0, metavar="MS",
+                         help="give the backup up after this much silence (default 1000)")
+    protect.add_argument("--heartbeat", type=float, default=100.0, metavar="MS",
+                         help="heartbeat period (default 100)")
+    _arbiter_options(protect)
+    protect.add_argument("--arbiter-key", metavar="NAME",
+                         help="the guest's name in the arbiter (default: its MAC, else "
+                              "'guest'); unique per protected guest")
     protect.add_argument("--auth-secret-file", metavar="PATH", help="shared secret for HELLO")
     _tls_options(protect, "this primary's certificate, for mutual TLS",
                  "CA the backup's certificate must be signed by (default: the system's)")
@@ -114,6 +125,49 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--json", action="store_true", help="one JSON object per line")
     protect.set_defaults(handler=cmd_protect)
     return parser
+
+
+def _arbiter_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--arbiter", metavar="URL",
+                        help="decide who runs the guest with a lease in etcd "
+                             "(etcd://HOST:PORT[,HOST:PORT...]; the same on both sides)")
+    parser.add_argument("--lease-ttl", type=_duration, default=2.0, metavar="S",
+                        help="arbiter lease time to live (default 2; etcd may grant more)")
+
+
+def _arbiter_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _check_arbiter(args: argparse.Namespace) -> None:
+    if args.arbiter:
+        from tremus.arbiters import parse_arbiter_url
+
+        try:
+            parse_arbiter_url(args.arbiter)
+        except ValueError as exc:
+            raise UsageError(f"--arbiter: {exc}") from None
+
+
+def _ownership_for(args: argparse.Namespace) -> Callable[[str], Ownership] | None:
+    """This side's handle on the arbiter's record of a guest, by the guest's key."""
+    if not args.arbiter:
+        return None
+    from tremus.arbiters import open_arbiter
+
+    me = _arbiter_identity()
+
+    def ownership(key: str) -> Ownership:
+        return open_arbiter(args.arbiter, key=key, me=me, lease_ttl=args.lease_ttl)
+
+    return ownership
+
+
+def _arbiter_key(args: argparse.Namespace, domain: Domain) -> str:
+    if args.arbiter_key:
+        return str(args.arbiter_key)
+    config = dict(getattr(domain, "config", {}) or {})
+    return str(config.get("name") or config.get("mac") or "guest").replace(":", "-")
 
 
 def _tls_options(parser: argparse.ArgumentParser, cert_help: str, ca_help: str) -> None:
@@ -181,6 +235,7 @@ def command_fence(command: str, timeout: float) -> Fence:
 
 async def cmd_backup(args: argparse.Namespace) -> int:
     config = _protection_config(args)
+    _check_arbiter(args)
     hub = EventHub()
     hub.add_callback(EventPrinter(args.json))
     host = socket.gethostname()
@@ -197,7 +252,8 @@ async def cmd_backup(args: argparse.Namespace) -> int:
         session = BackupSession(stream, config=config, hub=hub,
                                 console=lambda line: hub.emit(Console(line=line, host=host)),
                                 fence=command_fence(args.fence, args.fence_timeout)
-                                if args.fence else None)
+                                if args.fence else None, fence_timeout=args.fence_timeout,
+                                ownership_for=_ownership_for(args))
         outcome = await session.run()
         nursery.cancel_scope.cancel()
     return 0 if outcome is not BackupOutcome.REFUSED else 1
@@ -234,11 +290,13 @@ async def cmd_protect(args: argparse.Namespace) -> int:
     config = _protection_config(
         args, interval_ms=args.interval, codec="raw" if args.no_compression else "delta",
         verify=args.verify, max_inflight=args.max_inflight)
+    _check_arbiter(args)
     hub = EventHub()
     hub.add_callback(EventPrinter(args.json))
     host = socket.gethostname()
     domain = create_domain(args.domain, console=lambda line: hub.emit(Console(line=line, host=host)))
     stream = await _connect_backup(args)
+    halted = ""
     async with trio.open_nursery() as nursery:
         await _start_metrics(nursery, args, hub, "primary")
         hub.emit(DomainStarted(domain=args.domain, ram_bytes=domain.geometry.ram_size, host=host))
@@ -253,8 +311,13 @@ async def cmd_protect(args: argparse.Namespace) -> int:
 
         nursery.start_soon(watch)
         while True:
-            lost = await _protect_once(args, domain, stream, config, hub, done, lambda: reason)
-            if not lost or args.reprotect is None:
+            session = await _protect_once(args, domain, stream, config, hub, done,
+                                          lambda: reason)
+            if session.halted.is_set():
+                halted = session.halt_reason
+                break
+            if not session.lost.is_set() or done.is_set() or args.reprotect is None:
+                await done.wait()
                 break
             # The backup is gone and the guest runs unprotected: keep trying to
             # protect it again (a new session, starting with a full checkpoint).
@@ -267,10 +330,12 @@ async def cmd_protect(args: argparse.Namespace) -> int:
                         stream = await _connect_backup(args)
             if done.is_set():
                 break
-        await done.wait()
         domain.stop()
         nursery.cancel_scope.cancel()
-    hub.emit(DomainStopped(reason=reason, host=host))
+    hub.emit(DomainStopped(reason=halted or reason, host=host))
+    if halted:
+        print(f"tremus: error: the guest was stopped here: {halted}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -286,35 +351,44 @@ async def _connect_backup(args: argparse.Namespace) -> trio.abc.Stream | None:
 
 async def _protect_once(args: argparse.Namespace, domain: Domain,
                         stream: trio.abc.Stream | None, config: ProtectionConfig,
-                        hub: EventHub, done: trio.Event, reason: Callable[[], str]) -> bool:
-    """One protection session until ``done`` (False) or the backup is lost (True)."""
-    async with AsyncExitStack() as stack, trio.open_nursery() as nursery:
+                        hub: EventHub, done: trio.Event, reason: Callable[[], str]
+                        ) -> PrimarySession:
+    """One protection session, until ``done``, the loss of the backup, or a halt."""
+    ownership_for = _ownership_for(args)
+    async with AsyncExitStack() as stack:
+        # The buffers' own nurseries open before ours and close after it.
         try:
             devices = await open_netbuf(args.netbuf, domain, stack, unsafe=args.unsafe,
                                         queue_num=args.nfqueue_num)
         except NetbufError as exc:
             raise UsageError(str(exc)) from None
-        session = PrimarySession(domain, stream, config=config, hub=hub, devices=devices,
-                                 backup_name="blackhole" if args.blackhole else args.backup)
-        try:
-            await nursery.start(session.run)
-        except BackupLostError as exc:
-            if args.reprotect is not None and stream is not None and session.epochs_acked == 0:
-                return True  # a backup that refused us now may accept later
-            raise UsageError(f"cannot protect: {exc}") from None
+        session = PrimarySession(
+            domain, stream, config=config, hub=hub, devices=devices,
+            backup_name="blackhole" if args.blackhole else args.backup,
+            ownership=ownership_for(_arbiter_key(args, domain)) if ownership_for else None)
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(session.run)
+            except BackupLostError as exc:
+                if args.reprotect is not None and stream is not None \
+                        and session.epochs_acked == 0:
+                    session.lost.set()
+                    return session  # a backup that refused us now may accept later
+                raise UsageError(f"cannot protect: {exc}") from None
 
-        async def until(event: trio.Event, scope: trio.CancelScope) -> None:
-            await event.wait()
-            scope.cancel()
+            async def until(event: trio.Event, scope: trio.CancelScope) -> None:
+                await event.wait()
+                scope.cancel()
 
-        with trio.CancelScope() as waiting:
-            async with trio.open_nursery() as watchers:
-                watchers.start_soon(until, done, waiting)
-                watchers.start_soon(until, session.lost, waiting)
-        lost = session.lost.is_set() and not done.is_set()
-        session.stop("backup lost; protecting again" if lost else reason())
-        await session.stopped.wait()
-        return lost
+            with trio.CancelScope() as waiting:
+                async with trio.open_nursery() as watchers:
+                    watchers.start_soon(until, done, waiting)
+                    watchers.start_soon(until, session.lost, waiting)
+                    watchers.start_soon(until, session.stopped, waiting)
+            lost = session.lost.is_set() and not done.is_set()
+            session.stop("backup lost; protecting again" if lost else reason())
+            await session.stopped.wait()
+    return session
 
 
 async def cmd_run(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import final
 
 import trio
@@ -20,6 +20,9 @@ from tremus.engine import protocol as p
 __all__ = ["Link"]
 
 _COALESCE = 64 * 1024
+#: How long a side that found its peer silent still listens for bytes already on
+#: their way (pending in the socket) before it believes the silence.
+_PENDING_GRACE = 0.01
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
@@ -48,6 +51,8 @@ class Link:
         # A socket stream lets us receive into the protocol's buffers (one copy less).
         self._socket: trio.socket.SocketType | None = (
             stream.socket if isinstance(stream, trio.SocketStream) else None)
+        #: ``distrust(silent_since)``: whether this side itself stalled since then.
+        self.distrust: Callable[[float], bool] | None = None
         #: trio.current_time() of the last byte received / frame sent.
         self.last_received = trio.current_time()
         self.last_sent = 0.0
@@ -61,7 +66,14 @@ class Link:
         self.conn.receive_data(p.encode_frame(event))
 
     async def next_event(self, timeout: float = math.inf) -> p.Event:
-        """The next event from the peer; ``lost`` on silence past ``timeout`` seconds."""
+        """The next event from the peer; ``lost`` on silence past ``timeout`` seconds.
+
+        Silence is judged carefully: what is already waiting in the socket is read
+        before it counts (a side that was stalled finds its peer's frames pending),
+        and a silence that overlaps a stall of this very process (``distrust``) is
+        measured again from now.
+        """
+        deadline = trio.current_time() + timeout
         while True:
             try:
                 event = self.conn.next_event()
@@ -71,31 +83,48 @@ class Link:
                 return event
             if self.stream is None:
                 raise self._lost(f"no {self._peer} to hear from (blackhole)")
-            into = self.conn.receive_buffer() if self._socket is not None else None
-            data: p.BytesLike | None = None
-            received = 0
-            with trio.move_on_after(timeout) as scope:
-                try:
-                    if into is not None and len(into):
-                        # Page data straight into the frame's payload buffer.
-                        assert self._socket is not None
-                        received = await self._socket.recv_into(into, min(len(into), 1 << 22))
-                        data = b"" if received == 0 else None
-                    else:
-                        # Small reads while no payload is pending: a frame's header
-                        # comes with as little of its payload as possible, the rest
-                        # goes straight into the payload buffer above.
-                        data = await self.stream.receive_some(
-                            1 << 16 if self._socket is not None else 1 << 20)
-                except _IO_ERRORS as exc:
-                    raise self._lost(f"connection to the {self._peer} failed: {exc}") from exc
-            if scope.cancelled_caught:
-                raise self._lost(f"no word from the {self._peer} for {timeout * 1000:g} ms")
-            self.last_received = trio.current_time()
-            if data is None:
-                self.conn.received_into(received)
-            else:
-                self.conn.receive_data(data)
+            if await self._receive(deadline):
+                deadline = self.last_received + timeout
+                continue
+            # Silent until the deadline: first read whatever is already pending.
+            if await self._receive(trio.current_time() + _PENDING_GRACE):
+                deadline = self.last_received + timeout
+                continue
+            silent_since = deadline - timeout
+            if self.distrust is not None and self.distrust(silent_since):
+                deadline = trio.current_time() + timeout
+                continue
+            raise self._lost(f"no word from the {self._peer} for {timeout * 1000:g} ms")
+
+    async def _receive(self, deadline: float) -> bool:
+        """Receive some bytes into the connection before ``deadline``; False if none came."""
+        assert self.stream is not None
+        into = self.conn.receive_buffer() if self._socket is not None else None
+        data: p.BytesLike | None = None
+        received = 0
+        with trio.move_on_at(deadline) as scope:
+            try:
+                if into is not None and len(into):
+                    # Page data straight into the frame's payload buffer.
+                    assert self._socket is not None
+                    received = await self._socket.recv_into(into, min(len(into), 1 << 22))
+                    data = b"" if received == 0 else None
+                else:
+                    # Small reads while no payload is pending: a frame's header
+                    # comes with as little of its payload as possible, the rest
+                    # goes straight into the payload buffer above.
+                    data = await self.stream.receive_some(
+                        1 << 16 if self._socket is not None else 1 << 20)
+            except _IO_ERRORS as exc:
+                raise self._lost(f"connection to the {self._peer} failed: {exc}") from exc
+        if scope.cancelled_caught:
+            return False
+        self.last_received = trio.current_time()
+        if data is None:
+            self.conn.received_into(received)
+        else:
+            self.conn.receive_data(data)
+        return True
 
     async def send(self, event: p.Event) -> int:
         return await self.send_parts(self.conn.send_parts(event))

@@ -17,6 +17,7 @@ import enum
 import mmap
 import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import final
 
@@ -29,7 +30,8 @@ from tremus.domains.base import ConsoleSink, Domain, DomainError
 from tremus.domains.registry import get_driver, restore_domain
 from tremus.engine import protocol as p
 from tremus.engine._link import Link
-from tremus.engine.config import INITIAL_SYNC_PATIENCE, ProtectionConfig
+from tremus.engine._stall import StallWatch
+from tremus.engine.config import INITIAL_SYNC_PATIENCE, ProtectionConfig, takeover_grace
 from tremus.engine.events import (
     CheckpointApplied,
     EventHub,
@@ -37,8 +39,12 @@ from tremus.engine.events import (
     FailoverRefused,
     FailoverStarted,
     Operation,
+    OwnershipLost,
+    OwnershipRefused,
+    OwnershipTaken,
     PrimaryConnected,
 )
+from tremus.engine.ownership import Ownership, OwnershipError
 
 __all__ = [
     "BackupOutcome", "BackupSession", "Fence", "FencingFailed", "PrimaryFailed", "ReplicaDiverged",
@@ -66,6 +72,9 @@ class FencingFailed(Exception):
 
 #: ``await fence(reason)``: stop the old primary for good before the guest runs here.
 Fence = Callable[[str], Awaitable[None]]
+
+#: ``ownership_for(key)``: this backup's handle on the arbiter's record of guest ``key``.
+OwnershipFactory = Callable[[str], Ownership]
 
 
 class PrimaryFailed(Exception):
@@ -98,6 +107,11 @@ class BackupSession:
         hub: where events go.
         console: the failed-over guest's console lines (with the host name).
         peer: how the primary is named in events.
+        fence_timeout: the most ``fence`` may take (seconds; it must give up by then):
+            part of the takeover window the primary learns in the handshake.
+        ownership_for: the arbiter (``--arbiter``): with it, the backup fails over only
+            after it took the guest's ownership over, and only a primary that uses
+            the same arbiter is accepted.
     """
 
     def __init__(
@@ -109,16 +123,28 @@ class BackupSession:
         console: ConsoleSink | None = None,
         peer: str = "primary",
         fence: Fence | None = None,
+        fence_timeout: float = 0.0,
+        ownership_for: OwnershipFactory | None = None,
     ) -> None:
         self.config = config or ProtectionConfig()
         self.events = hub or EventHub()
         self._console = console
         self._peer = peer
         self._fence = fence
+        self._fence_timeout = fence_timeout if fence is not None else 0.0
+        self._ownership_for = ownership_for
+        self._ownership: Ownership | None = None
         self._conn = p.BackupConnection(secret=self.config.auth_secret)
+        timeout = self.config.heartbeat_timeout_ms / 1000
         self._link = Link(self._conn, stream, PrimaryFailed, "primary",
-                          stall_timeout=self.config.heartbeat_timeout_ms / 1000
-                          * INITIAL_SYNC_PATIENCE)
+                          stall_timeout=timeout * INITIAL_SYNC_PATIENCE)
+        self._stalls = StallWatch(threshold=timeout / 2)
+        self._link.distrust = self._stalls.stalled_after
+        # When the primary certainly last heard from us: the send time of the newest
+        # heartbeat it echoed (or of WELCOME). It gives up on us no earlier than its
+        # timeout after that, and holds its output our takeover window longer.
+        self._heartbeats_sent: deque[tuple[int, float]] = deque(maxlen=256)
+        self._heard_by_primary = 0.0
         self._hello: p.Hello | None = None
         self._replica: mmap.mmap | None = None
         self._stager: p.CheckpointStager | None = None
@@ -148,6 +174,7 @@ class BackupSession:
             reason = await self._serve()
         except PrimaryFailed as exc:
             reason = str(exc)
+            # Whatever was already on its way may still finish a checkpoint.
         else:
             if reason is None:
                 self.failover.fail(RuntimeError("the primary ended protection: no failover"))
@@ -167,8 +194,9 @@ class BackupSession:
     # -- receiving ------------------------------------------------------------------
     async def _serve(self) -> str | None:
         """Returns None after END; raises PrimaryFailed on failure."""
-        with collapse_groups():
+        with collapse_groups(PrimaryFailed):
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stalls.run)
                 result = await self._handshake()
                 if result is not None:
                     return result
@@ -197,6 +225,14 @@ class BackupSession:
             await self._link.send(p.End(f"cannot rebuild this domain here: {exc}"))
             raise PrimaryFailed(f"refused the primary: {exc}") from None
         self._hello = event
+        if self._ownership_for is not None and not event.arbiter_key:
+            reason = "this backup decides failover with an arbiter; give the primary --arbiter"
+            await self._link.send(p.End(reason))
+            raise PrimaryFailed(f"refused the primary: {reason}")
+        if self._ownership_for is None and event.arbiter_key:
+            reason = "the primary uses an arbiter; give this backup the same --arbiter"
+            await self._link.send(p.End(reason))
+            raise PrimaryFailed(f"refused the primary: {reason}")
         available = _available_memory()
         if available is not None and event.ram_size > available:
             reason = (f"the domain's {event.ram_size >> 20} MiB of RAM do not fit in this "
@@ -209,7 +245,14 @@ class BackupSession:
         # one straight into it (see CheckpointStager.write_through).
         self._stager.write_through = True
         features = tuple(f for f in event.features if f in p.SUPPORTED_FEATURES)
-        await self._link.send(p.Welcome(features=features))
+        standby = ""
+        if self._ownership_for is not None:
+            self._ownership = self._ownership_for(event.arbiter_key)
+            standby = self._ownership.me
+        self._heard_by_primary = trio.current_time()
+        await self._link.send(p.Welcome(
+            features=features, standby=standby, takeover_ms=round(self.takeover_window * 1000),
+            timeout_ms=round(self.config.heartbeat_timeout_ms)))
         self.events.emit(PrimaryConnected(peer=self._peer, domain=event.driver,
                                           ram_bytes=event.ram_size))
         return None
@@ -231,6 +274,8 @@ class BackupSession:
                     raise PrimaryFailed(f"bad checkpoint: {exc}") from exc
                 if done is not None:
                     await self._apply(done)
+            elif isinstance(event, p.Heartbeat):
+                self._heard(event.echo)
             elif isinstance(event, p.End):
                 self._stager.abort()
                 self._state = None
@@ -270,13 +315,54 @@ class BackupSession:
         while True:
             await trio.sleep(self.config.heartbeat_ms / 1000)
             self._heartbeat_seq += 1
-            await self._link.send(p.Heartbeat(self._heartbeat_seq, time.time()))
+            self._heartbeats_sent.append((self._heartbeat_seq, trio.current_time()))
+            await self._link.send(p.Heartbeat(self._heartbeat_seq, time.time(),
+                                              echo=self._conn.their_heartbeat_seq))
+
+    def _heard(self, echo: int) -> None:
+        for seq, sent_at in self._heartbeats_sent:
+            if seq == echo:
+                self._heard_by_primary = max(self._heard_by_primary, sent_at)
+                return
+
+    @property
+    def takeover_window(self) -> float:
+        """Seconds after losing this backup that the primary must hold its output:
+        our silence timeout, the fence's time, and a grace for late timers."""
+        timeout = self.config.heartbeat_timeout_ms / 1000
+        return timeout + self._fence_timeout + takeover_grace(timeout)
+
+    def _too_late(self) -> str | None:
+        """Why failing over now could resume a stale replica, or None.
+
+        The primary gives up on us no earlier than its timeout after it last heard
+        from us, then holds its output our takeover window before releasing
+        anything we never acknowledged. Past that (this backup was stalled, or its
+        failure detection ran late) it may have gone on without us.
+        """
+        assert self._hello is not None
+        timeout = self.config.heartbeat_timeout_ms / 1000
+        latest = (self._heard_by_primary + self._hello.timeout_ms / 1000 + timeout
+                  + takeover_grace(timeout))
+        late = trio.current_time() - latest
+        if late <= 0:
+            return None
+        heard_ms = (trio.current_time() - self._heard_by_primary) * 1000
+        return (f"the primary last heard from this backup {heard_ms:.0f} ms ago: it may have "
+                f"gone on without it (this replica would be stale)")
 
     # -- failover -------------------------------------------------------------------
     async def _failover(self, reason: str,
                         task_status: trio.TaskStatus[BackupOutcome]) -> BackupOutcome:
         assert self._hello is not None and self._replica is not None and self._state is not None
         epoch = self.applied_epoch if self.applied_epoch is not None else -1
+        refusal = await self._may_take_over()
+        if refusal is not None:
+            refused = FailoverRefused(reason=f"{reason}; {refusal}")
+            self.events.emit(refused)
+            self.failover.fail(RuntimeError(refused.reason))
+            task_status.started(BackupOutcome.REFUSED)
+            return BackupOutcome.REFUSED
         if self._fence is not None:
             try:
                 await self._fence(reason)
@@ -292,6 +378,8 @@ class BackupSession:
         self.domain = domain
         async with trio.open_nursery() as nursery:
             await nursery.start(domain.run)
+            if self._ownership is not None:
+                nursery.start_soon(self._keep_ownership, self._ownership, domain)
             announce = getattr(domain, "announce", None)
             if announce is not None:
                 announce()  # tell the network where the guest is now (gratuitous ARP)
@@ -302,3 +390,31 @@ class BackupSession:
             self.failover.complete(complete)
             task_status.started(BackupOutcome.FAILED_OVER)
         return BackupOutcome.FAILED_OVER
+
+    async def _may_take_over(self) -> str | None:
+        """None if this backup may run the guest now, else why not."""
+        ownership = self._ownership
+        if ownership is None:
+            return self._too_late()
+        assert self._hello is not None
+        # The arbiter decides: the primary's lease must have expired, and the standby
+        # key must still name us (a primary that went on without us removed it).
+        try:
+            await ownership.take_over(wait=3 * ownership.lease_ttl + 2)
+        except OwnershipError as exc:
+            self.events.emit(OwnershipRefused(key=self._hello.arbiter_key, reason=str(exc)))
+            return f"ownership refused by the arbiter: {exc}"
+        self.events.emit(OwnershipTaken(key=self._hello.arbiter_key, owner=ownership.me,
+                                        arbiter=ownership.url))
+        return None
+
+    async def _keep_ownership(self, ownership: Ownership, domain: Domain) -> None:
+        """The guest runs here only while this side owns it."""
+        assert self._hello is not None
+        await ownership.keep()
+        if ownership.lost.is_set():
+            self.events.emit(OwnershipLost(
+                key=self._hello.arbiter_key,
+                reason="the lease could not be renewed in time: the guest is stopped here"))
+            await domain.suspend()
+            domain.stop()

@@ -8,13 +8,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["INITIAL_SYNC_PATIENCE", "ConfigError", "ProtectionConfig"]
+__all__ = ["INITIAL_SYNC_PATIENCE", "ConfigError", "ProtectionConfig", "takeover_grace"]
 
 #: Until the first checkpoint is complete, silence timeouts are this many times
 #: longer on both sides: the first checkpoint carries all of RAM (seconds of work for
 #: a large guest), and before it completes the backup has nothing to fail over to,
 #: so waiting longer costs nothing.
 INITIAL_SYNC_PATIENCE = 10
+
+
+def takeover_grace(timeout: float) -> float:
+    """Slack for a backup whose failure detection fires late (a busy loop, a slow
+    scheduler), in seconds, given its silence timeout: part of the takeover window."""
+    return max(0.25, timeout / 2)
 
 
 class ConfigError(ValueError):

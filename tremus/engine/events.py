@@ -22,7 +22,7 @@ __all__ = [
     "BackupLost", "BackupReady", "CheckpointAcked", "CheckpointApplied", "CheckpointSent",
     "Console", "DeviceFailed", "DomainStarted", "DomainStopped", "Event", "EventHub",
     "FailoverComplete", "FailoverRefused", "FailoverStarted", "Operation", "OperationComplete",
-    "OutputReleased",
+    "OutputReleased", "OwnershipLost", "OwnershipRefused", "OwnershipTaken",
     "PrimaryConnected", "ProtectionStarted", "ProtectionStopped", "Subscription",
 ]
 
@@ -114,9 +114,46 @@ class DeviceFailed(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BackupLost(Event):
+    """The backup is gone; held output is released after ``hold_ms`` (the time the
+    backup could still take over), and the guest runs on unprotected."""
+
     name: ClassVar[str] = "backup_lost"
     reason: str
     last_acked_epoch: int
+    hold_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OwnershipTaken(Event):
+    """This side now owns the guest in the arbiter (a lease of its own)."""
+
+    name: ClassVar[str] = "ownership_taken"
+    key: str
+    owner: str
+    arbiter: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OwnershipLost(Event):
+    """This side may no longer run the guest: it was stopped here, nothing released.
+
+    With an arbiter: the lease could not be renewed in time, or was taken over.
+    Without one: this primary stood still past its backup's takeover window.
+    """
+
+    name: ClassVar[str] = "ownership_lost"
+    key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OwnershipRefused(Event):
+    """The arbiter said no: someone else owns the guest (or this backup is no
+    longer its standby)."""
+
+    name: ClassVar[str] = "ownership_refused"
+    key: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

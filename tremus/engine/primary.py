@@ -12,13 +12,19 @@ Per epoch N (DESIGN.md, "The epoch, precisely"):
 
 At most ``max_inflight`` checkpoints are unacknowledged (a device such as the plug
 qdisc can lower it to 1). When the backup is lost — stream error, EOF, END, or
-silence past the heartbeat timeout — all held output is released, ``BackupLost`` is
-emitted and the guest keeps running, unprotected. The guest is never left suspended
-because of the backup: nothing in the pause waits on the network.
+silence past the heartbeat timeout — the primary tells it so (END, if the connection
+still takes it), emits ``BackupLost`` and keeps the guest running, unprotected; what
+it holds is released only once the backup can no longer take over: after the
+backup's takeover window (learnt in the handshake), or, with an arbiter, once the
+standby designation is gone. A primary that may have been replaced — it stood still
+past the backup's timeout, or lost its lease — releases nothing and stops the guest
+(``OwnershipLost``). The guest is never left suspended because of the backup:
+nothing in the pause waits on the network.
 """
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import time
 from array import array
@@ -34,6 +40,7 @@ from tremus.accel import impl
 from tremus.domains.base import Domain
 from tremus.engine import protocol as p
 from tremus.engine._link import Link
+from tremus.engine._stall import StallWatch
 from tremus.engine.config import INITIAL_SYNC_PATIENCE, ProtectionConfig
 from tremus.engine.devices import CheckpointDevice, DeviceError, DeviceRunner
 from tremus.engine.events import (
@@ -44,15 +51,30 @@ from tremus.engine.events import (
     EventHub,
     Operation,
     OutputReleased,
+    OwnershipLost,
+    OwnershipTaken,
     ProtectionStarted,
     ProtectionStopped,
 )
+from tremus.engine.ownership import Ownership, OwnershipError
 from tremus.transports.codec import DeltaCodec, RawCodec, split_batches
 
 __all__ = ["BackupLostError", "PrimarySession"]
 
+#: How long a primary that gives its backup up tries to tell it (END) before closing.
+_END_TIMEOUT = 0.25
+
 class BackupLostError(Exception):
     """The backup is gone; the message says why."""
+
+    def __init__(self, message: str, *, ended: bool = False) -> None:
+        super().__init__(message)
+        #: The backup said END: it will not take over, nothing needs holding.
+        self.ended = ended
+
+
+class _Halt(Exception):
+    """This primary may have been replaced: stop the guest, release nothing."""
 
 
 @dataclass(slots=True)
@@ -79,6 +101,9 @@ class PrimarySession:
         devices: checkpoint devices (output buffers) driven at every epoch.
         hub: where events go (a new hub if not given).
         backup_name: how the backup is named in events.
+        ownership: the arbiter's record of the guest (``--arbiter``): this side
+            must own the guest to protect it, and releases output only while its
+            lease is held.
     """
 
     def __init__(
@@ -90,6 +115,7 @@ class PrimarySession:
         devices: Sequence[CheckpointDevice] = (),
         hub: EventHub | None = None,
         backup_name: str = "",
+        ownership: Ownership | None = None,
     ) -> None:
         self.domain = domain
         self.config = config or ProtectionConfig()
@@ -111,9 +137,11 @@ class PrimarySession:
         self._codec: DeltaCodec | RawCodec = RawCodec(self._page_size)
         self._inflight: dict[int, _Inflight] = {}
         self._inflight_changed = trio.Event()
+        self._welcome: p.Welcome | None = None
         self._heartbeat_seq = 0
         self._ram_digest = 0
         self._stop = trio.Event()
+        self._lease_lost = trio.Event()
         #: Set once ``run`` has finished (END sent, devices torn down).
         self.stopped = trio.Event()
         #: Set when the backup is lost (the guest runs on, unprotected).
@@ -125,6 +153,14 @@ class PrimarySession:
         self.epochs_acked = 0
         self.last_acked_epoch = -1
         self.protected = False
+        self._ownership = ownership
+        self._stalls = StallWatch(threshold=self.config.heartbeat_timeout_ms / 2000)
+        self._link.distrust = self._stalls.stalled_after
+        #: Set when this primary stopped the guest because it may have been replaced
+        #: (``halt_reason`` says why); nothing held was released.
+        self.halted = trio.Event()
+        self.halt_reason = ""
+        self._last_acked_sent_at = 0.0
 
     # -- public ---------------------------------------------------------------------
     def stop(self, reason: str = "stopped by request") -> None:
@@ -138,44 +174,100 @@ class PrimarySession:
         If the backup is lost the domain keeps running unprotected and ``run`` keeps
         going (held output released) until ``stop()``.
         """
-        started = False
         try:
-            await self._devices.setup()
-            try:
-                await self._handshake()
-                self._staging = await trio.to_thread.run_sync(
-                    prefaulted_buffer, self.domain.geometry.ram_size)
-                self.protected = True
-                self.events.emit(ProtectionStarted(
-                    domain=self.domain.driver, backup=self._backup_name,
-                    interval_ms=self.config.interval_ms, codec=self._codec.name,
-                    devices=tuple(d.name for d in self._devices.devices),
-                ))
-                task_status.started()
-                started = True
-                self.protection.complete(None)
-                with collapse_groups():
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._protect)
-                        await self._stop.wait()
-                        nursery.cancel_scope.cancel()
-            except BackupLostError as exc:
-                if not started:
-                    self.protection.fail(exc)
-                    raise
-                await self._backup_lost(str(exc))
-            if self._lost is not None:
-                await self._stop.wait()
-            else:
-                await self._say_end(self._stop_reason)
+            with collapse_groups():
+                async with trio.open_nursery() as guard:
+                    guard.start_soon(self._stalls.run)
+                    if self._ownership is not None:
+                        await self._acquire(self._ownership, guard)
+                    try:
+                        await self._protect_session(task_status)
+                    except _Halt as exc:
+                        await self._halt(str(exc))
+                    guard.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await self._link.aclose()
                 await self._devices.teardown()
+                if self._ownership is not None:
+                    if not self.halted.is_set():
+                        with trio.move_on_after(2), contextlib.suppress(OwnershipError):
+                            await self._ownership.resign()
+                    await self._ownership.aclose()
             self.protected = False
             self.stopped.set()
             self.events.emit(ProtectionStopped(reason=self._lost or self._stop_reason,
                                                epochs_acked=self.epochs_acked))
+
+    async def _acquire(self, ownership: Ownership, guard: trio.Nursery) -> None:
+        try:
+            await ownership.acquire(wait=2 * ownership.lease_ttl + 1)
+        except OwnershipError as exc:
+            self.protection.fail(exc)
+            raise BackupLostError(f"cannot own the guest in the arbiter: {exc}") from exc
+        self.events.emit(OwnershipTaken(key=ownership.key, owner=ownership.me,
+                                        arbiter=ownership.url))
+
+        async def keep() -> None:
+            await ownership.keep()
+            if ownership.lost.is_set() and not self._stop.is_set():
+                self._lease_lost.set()
+
+        guard.start_soon(keep)
+
+    async def _protect_session(self, task_status: trio.TaskStatus[None]) -> None:
+        started = False
+        await self._devices.setup()
+        try:
+            await self._handshake()
+            self._staging = await trio.to_thread.run_sync(
+                prefaulted_buffer, self.domain.geometry.ram_size)
+            self.protected = True
+            self.events.emit(ProtectionStarted(
+                domain=self.domain.driver, backup=self._backup_name,
+                interval_ms=self.config.interval_ms, codec=self._codec.name,
+                devices=tuple(d.name for d in self._devices.devices),
+            ))
+            task_status.started()
+            started = True
+            self.protection.complete(None)
+            with collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._protect)
+                    nursery.start_soon(self._watch_lease)
+                    await self._stop.wait()
+                    nursery.cancel_scope.cancel()
+        except BackupLostError as exc:
+            if not started:
+                self.protection.fail(exc)
+                raise
+            await self._backup_lost(exc)
+        if self._lost is not None:
+            with collapse_groups():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_lease)
+                    await self._stop.wait()
+                    nursery.cancel_scope.cancel()
+        else:
+            await self._say_end(self._stop_reason)
+
+    async def _watch_lease(self) -> None:
+        await self._lease_lost.wait()
+        raise _Halt("the arbiter's lease could not be renewed before it could expire: "
+                    "another host may own the guest now")
+
+    async def _halt(self, reason: str) -> None:
+        """Stop the guest without releasing anything: another host may run it now."""
+        self.halt_reason = reason
+        self._lost = self._lost or reason
+        self.protected = False
+        with trio.CancelScope(shield=True):
+            await self.domain.suspend()
+        self.domain.stop()
+        key = self._ownership.key if self._ownership is not None else ""
+        self.events.emit(OwnershipLost(key=key, reason=reason))
+        self.halted.set()
+        self._stop.set()
 
     # -- handshake ------------------------------------------------------------------
     async def _handshake(self) -> None:
@@ -183,10 +275,11 @@ class PrimarySession:
         features = ("delta",) if self.config.codec == "delta" else ()
         hello = p.Hello(driver=self.domain.driver, ram_size=geometry.ram_size,
                         page_size=geometry.page_size, config=dict(self.domain.config),
-                        features=features)
+                        features=features, timeout_ms=round(self.config.heartbeat_timeout_ms),
+                        arbiter_key=self._ownership.key if self._ownership else "")
         await self._link.send_parts(self._conn.send_parts(hello))
         if self._stream is None:  # blackhole: the backup's answers are made up here
-            self._link.feed(p.Welcome(features=features))
+            self._link.feed(p.Welcome(features=features, standby="blackhole"))
         with trio.move_on_after(self._silence_timeout()) as scope:
             event = await self._link.next_event()
         if scope.cancelled_caught:
@@ -198,6 +291,14 @@ class PrimarySession:
         if not isinstance(event, p.Welcome):
             raise BackupLostError(f"the backup answered HELLO with {type(event).__name__}")
         self._codec = self._make_codec(set(event.features))
+        self._welcome = event
+        self._stalls.threshold = min(self.config.heartbeat_timeout_ms, event.timeout_ms) / 2000
+        if self._ownership is not None:
+            try:
+                await self._ownership.designate(event.standby)
+            except OwnershipError as exc:
+                await self._say_end(f"the primary could not name this backup its standby: {exc}")
+                raise BackupLostError(f"naming the backup standby in the arbiter: {exc}") from exc
 
     def _make_codec(self, features: set[str]) -> DeltaCodec | RawCodec:
         if "delta" in features:
@@ -216,6 +317,9 @@ class PrimarySession:
             # Several tasks may notice the same loss (a send and a receive): report the
             # first device failure if any, else the first loss; anything else is a bug.
             found = leaves(group)
+            halts = [e for e in found if isinstance(e, _Halt)]
+            if halts:
+                raise halts[0] from None
             if not all(isinstance(e, BackupLostError | DeviceError) for e in found):
                 raise
             device_errors = [e for e in found if isinstance(e, DeviceError)]
@@ -225,9 +329,18 @@ class PrimarySession:
                                               message=str(error.cause)))
                 with trio.CancelScope(shield=True):
                     await self._say_end(f"primary device failure: {error}")
-                await self._backup_lost(f"protection stopped: {error}")
+                await self._backup_lost(BackupLostError(f"protection stopped: {error}",
+                                                        ended=True))
             else:
-                await self._backup_lost(str(found[0]))
+                lost = found[0]
+                assert isinstance(lost, BackupLostError)
+                if not lost.ended:
+                    # Giving up on a connection that may still take a frame: say so,
+                    # so that a backup that was only slow does not take over.
+                    with trio.CancelScope(shield=True):
+                        await self._say_end(f"the primary gave the backup up: {lost}",
+                                            timeout=_END_TIMEOUT)
+                await self._backup_lost(lost)
 
     async def _epoch_loop(self) -> None:
         interval = self.config.interval_ms / 1000
@@ -324,6 +437,9 @@ class PrimarySession:
         record = self._inflight.pop(epoch, None)
         if record is None:
             raise BackupLostError(f"ACK for epoch {epoch}, which is not in flight")
+        if self._ownership is not None:
+            await self._while_owner()
+        self._last_acked_sent_at = max(self._last_acked_sent_at, record.sent_at)
         # Stamp the ACK's arrival before commit releases anything: the event's time
         # is then a lower bound of when epoch N's output can be seen outside.
         acked_at = time.time()
@@ -349,39 +465,103 @@ class PrimarySession:
             if isinstance(event, p.Ack):
                 await self._on_ack(event.epoch)
             elif isinstance(event, p.End):
-                raise BackupLostError(f"the backup ended protection: {event.reason}")
+                raise BackupLostError(f"the backup ended protection: {event.reason}", ended=True)
             elif isinstance(event, p.ConnectionClosed):
                 raise BackupLostError("the backup closed the connection")
 
     async def _heartbeat_loop(self) -> None:
+        # Every period, checkpoints or not: each echoes the backup's latest heartbeat,
+        # which tells the backup how recently we certainly heard from it.
         period = self.config.heartbeat_ms / 1000
         while True:
             await trio.sleep(period)
-            if trio.current_time() - self._link.last_sent >= period and not self._link.sending:
-                self._heartbeat_seq += 1
-                await self._link.send_parts(self._conn.send_parts(
-                    p.Heartbeat(self._heartbeat_seq, time.time())))
+            self._heartbeat_seq += 1
+            await self._link.send_parts(self._conn.send_parts(
+                p.Heartbeat(self._heartbeat_seq, time.time(),
+                            echo=self._conn.their_heartbeat_seq)))
 
-    async def _say_end(self, reason: str) -> None:
+    async def _while_owner(self) -> None:
+        """Returns once the lease is certainly held; halts if it is gone."""
+        assert self._ownership is not None
+        while not self._ownership.may_release():
+            if self._ownership.lost.is_set():
+                raise _Halt("the arbiter's lease is gone: another host may own the guest now")
+            await trio.sleep(0.01)
+
+    async def _say_end(self, reason: str, timeout: float | None = None) -> None:
         if self._stream is None or self._lost is not None:
             return
-        with trio.move_on_after(self.config.heartbeat_timeout_ms / 1000):
+        if timeout is None:
+            timeout = self.config.heartbeat_timeout_ms / 1000
+        with trio.move_on_after(timeout):
             try:
                 await self._link.send_parts(self._conn.send_parts(p.End(reason)))
             except (BackupLostError, p.ProtocolError):
                 pass
 
-    async def _backup_lost(self, reason: str) -> None:
+    def _replaced_by_stall(self) -> str | None:
+        """Why the backup may have taken over because this primary stood still.
+
+        The backup gives a silent primary up after its timeout. A stall of this
+        process of half that or more, not followed by an ACK of a checkpoint sent
+        after it, may have been taken for death: then the backup may run the guest.
+        """
+        welcome = self._welcome
+        if welcome is None or not self.epochs_acked:
+            return None
+        self._stalls.check()
+        start, end = self._stalls.last_stall
+        if end - start < welcome.timeout_ms / 2000 or end < self._last_acked_sent_at:
+            return None
+        return (f"this primary stood still for {(end - start) * 1000:.0f} ms (the backup gives "
+                f"up after {welcome.timeout_ms} ms) and then lost the backup: the backup may "
+                f"run the guest now")
+
+    async def _hold_until_safe(self, lost: BackupLostError) -> float:
+        """Wait until the backup can no longer take over; returns the hold in ms."""
+        if lost.ended or not self.epochs_acked or self._welcome is None:
+            return 0.0
+        if self._ownership is not None:
+            # The arbiter decides: once the standby designation is gone no backup can
+            # take over, whatever it holds.
+            started = trio.current_time()
+            while True:
+                try:
+                    await self._ownership.drop_standby()
+                    break
+                except OwnershipError as exc:
+                    if self._ownership.lost.is_set() or not self._ownership.may_release():
+                        raise _Halt(f"the backup is lost and the arbiter cannot confirm that "
+                                    f"it may not take over: {exc}") from exc
+                    await trio.sleep(0.1)
+            return (trio.current_time() - started) * 1000
+        hold = self._welcome.takeover_ms / 1000
+        with trio.move_on_after(hold):
+            await self._stop.wait()
+        return hold * 1000
+
+    async def _backup_lost(self, lost: BackupLostError) -> None:
         if self._lost is not None:
             return
+        reason = str(lost)
         self._lost = reason
         self.protected = False
-        self.lost.set()
+        replaced = None if lost.ended else self._replaced_by_stall()
+        if replaced is not None:
+            raise _Halt(replaced)
+        hold_ms = 0.0
+        if not lost.ended and self.epochs_acked and self._welcome is not None:
+            hold_ms = (self._welcome.takeover_ms if self._ownership is None else 0.0)
+        self.events.emit(BackupLost(reason=reason, last_acked_epoch=self.last_acked_epoch,
+                                    hold_ms=hold_ms))
         with trio.CancelScope(shield=True):
+            await self._hold_until_safe(lost)
+            if self._stop.is_set() and hold_ms:
+                return  # stopped within the window: what was held is dropped, never leaked
             try:
                 await self._devices.release_all()
             except DeviceError as exc:
                 self.events.emit(DeviceFailed(device=exc.device, op=exc.op, message=str(exc.cause)))
         self._inflight.clear()
-        self.events.emit(BackupLost(reason=reason, last_acked_epoch=self.last_acked_epoch))
+        self.lost.set()  # only now: the guest runs unprotected, its output flows
 

@@ -44,11 +44,16 @@ are errors)
 ``driver`` str (the domain driver that rebuilds the VM), ``config`` map (the driver's
 configuration), ``ram_size`` u64 (a multiple of ``page_size``), ``page_size`` (a power
 of two in 512..65536, small enough that a PAGES frame of 1024 pages fits the payload
-cap), ``features`` [str] (what the primary would like to use).
+cap), ``features`` [str] (what the primary would like to use), ``timeout_ms`` u64 (how
+long the primary waits for a silent backup before giving it up), ``arbiter_key`` str
+(the guest's name in the ownership arbiter, "" without one).
 
 ``WELCOME`` (backup, first frame): ``version``, ``features`` (a subset of HELLO's:
-what will be used; today only ``"delta"`` exists), ``auth`` bin|nil. A backup that
-refuses the HELLO sends END instead.
+what will be used; today only ``"delta"`` exists), ``auth`` bin|nil, ``takeover_ms`` u64
+(after losing this backup, the primary holds its output this long: the backup's
+silence timeout, fence time and a grace), ``timeout_ms`` u64 (the backup's silence
+timeout), ``standby`` str (the backup's identity in the
+arbiter, "" without one). A backup that refuses the HELLO sends END instead.
 
 ``CHECKPOINT_BEGIN``: ``epoch`` u64, ``full`` bool. The first checkpoint must be full,
 later epochs go up by exactly one. A full checkpoint carries every page of RAM.
@@ -74,7 +79,8 @@ taken (``--verify``): after applying, the backup's replica must hash the same.
 completed checkpoint, in order, never for a checkpoint that has not ended.
 
 ``HEARTBEAT`` (both): ``seq`` u64, strictly increasing per direction; ``time`` float
-(the sender's clock, informational).
+(the sender's clock, informational); ``echo`` u64, the highest HEARTBEAT seq received
+from the peer (0: none). Each side sends one every heartbeat period, checkpoints or not.
 
 ``END`` (both): ``reason`` str. Graceful stop: after it the sender sends nothing more;
 a backup that receives it discards its replica and does not fail over. An END in the
@@ -83,9 +89,10 @@ middle of a checkpoint abandons that checkpoint.
 Authentication
 --------------
 With a shared secret, ``HELLO.auth = HMAC-SHA256(secret, b"tremus-hello\\0" +
-msgpack([version, role, driver, config, ram_size, page_size, features]))`` (maps with
+msgpack([version, role, driver, config, ram_size, page_size, features, timeout_ms,
+arbiter_key]))`` (maps with
 sorted keys) and ``WELCOME.auth = HMAC-SHA256(secret, b"tremus-welcome\\0" +
-HELLO.auth + msgpack([version, features]))``. Each side that holds a secret rejects a
+HELLO.auth + msgpack([version, features, takeover_ms, timeout_ms, standby]))``. Each side that holds a secret rejects a
 peer that does not prove it ("authentication failed"), before accepting anything else.
 This proves the peer knew the secret; it neither prevents replays nor protects the
 frames after the handshake: use TLS or a private link on a hostile network.
@@ -159,7 +166,7 @@ __all__ = [
     "welcome_auth",
 ]
 
-PROTOCOL_VERSION: Final = 1
+PROTOCOL_VERSION: Final = 2
 #: Features this implementation can use; WELCOME answers with a subset of HELLO's.
 SUPPORTED_FEATURES: Final = frozenset({DELTA})
 #: header_len, payload_len, header_check.
@@ -220,6 +227,11 @@ class Hello:
     features: tuple[str, ...] = ()
     version: int = PROTOCOL_VERSION
     role: str = "primary"
+    #: The primary's silence timeout (ms): how long it waits for the backup before
+    #: giving it up (the backup bounds its takeover window with it).
+    timeout_ms: int = 1000
+    #: The guest's name in the arbiter both sides must use, or "" (no arbiter).
+    arbiter_key: str = ""
     #: Filled in by ``PrimaryConnection.send`` when the connection has a secret.
     auth: bytes | None = None
 
@@ -231,6 +243,15 @@ class Welcome:
 
     features: tuple[str, ...] = ()
     version: int = PROTOCOL_VERSION
+    #: How long after losing this backup the primary must hold its output (ms): the
+    #: backup's silence timeout, its fence time and a grace. Within it the backup
+    #: may still take over; after it, it never will.
+    takeover_ms: int = 0
+    #: The backup's silence timeout (ms): a primary that stood still this long may
+    #: have been given up (and replaced) by it.
+    timeout_ms: int = 1000
+    #: This backup's identity in the arbiter ("" without one): the standby to name.
+    standby: str = ""
     #: Filled in by ``BackupConnection.send`` when the connection has a secret.
     auth: bytes | None = None
 
@@ -299,6 +320,9 @@ class Ack:
 class Heartbeat:
     seq: int
     time: float
+    #: The highest HEARTBEAT seq received from the peer so far (0: none): tells the
+    #: peer how recently this side certainly heard from it.
+    echo: int = 0
 
 
 @final
@@ -389,13 +413,17 @@ def hello_auth(secret: bytes, hello: Hello) -> bytes:
         hello.ram_size,
         hello.page_size,
         hello.features,
+        hello.timeout_ms,
+        hello.arbiter_key,
     ]
     return _mac(secret, b"tremus-hello\0", fields)
 
 
 def welcome_auth(secret: bytes, hello: Hello, welcome: Welcome) -> bytes:
     """WELCOME's auth token: bound to the HELLO it answers through HELLO's token."""
-    return _mac(secret, b"tremus-welcome\0", hello.auth or b"", [welcome.version, welcome.features])
+    return _mac(secret, b"tremus-welcome\0", hello.auth or b"", [welcome.version, welcome.features,
+                                                      welcome.takeover_ms, welcome.timeout_ms,
+                                                      welcome.standby])
 
 
 # -- header schema --------------------------------------------------------------------
@@ -446,11 +474,16 @@ _SCHEMAS: Final[dict[str, dict[str, _Check]]] = {
         "ram_size": _U64,
         "page_size": _U64,
         "features": ("a list of strings", _is_str_list),
+        "timeout_ms": _U64,
+        "arbiter_key": ("a string", _is_str),
     },
     "WELCOME": {
         "version": _U64,
         "features": ("a list of strings", _is_str_list),
         "auth": ("bytes or nil", _is_bin_or_nil),
+        "takeover_ms": _U64,
+        "timeout_ms": _U64,
+        "standby": ("a string", _is_str),
     },
     "CHECKPOINT_BEGIN": {"epoch": _U64, "full": ("a boolean", _is_bool)},
     "PAGES": {"epoch": _U64, "count": _U64, "codec": ("a string", _is_str), "checksum": _U64},
@@ -463,7 +496,7 @@ _SCHEMAS: Final[dict[str, dict[str, _Check]]] = {
         "ram_digest": ("an integer in [0, 2**64) or nil", _is_u64_or_nil),
     },
     "ACK": {"epoch": _U64},
-    "HEARTBEAT": {"seq": _U64, "time": ("a finite float", _is_finite)},
+    "HEARTBEAT": {"seq": _U64, "time": ("a finite float", _is_finite), "echo": _U64},
     "END": {"reason": ("a string", _is_str)},
 }
 _WITH_PAYLOAD: Final = frozenset({"PAGES", "STATE"})
@@ -807,9 +840,13 @@ def _header_and_payload(event: Event) -> tuple[dict[str, Any], list[BytesLike]]:
                 "ram_size": event.ram_size,
                 "page_size": event.page_size,
                 "features": list(event.features),
+                "timeout_ms": event.timeout_ms,
+                "arbiter_key": event.arbiter_key,
             }
         case Welcome():
-            h |= {"version": event.version, "features": list(event.features), "auth": event.auth}
+            h |= {"version": event.version, "features": list(event.features), "auth": event.auth,
+                  "takeover_ms": event.takeover_ms, "timeout_ms": event.timeout_ms,
+                  "standby": event.standby}
         case CheckpointBegin():
             h |= {"epoch": event.epoch, "full": event.full}
         case Pages():
@@ -843,7 +880,7 @@ def _header_and_payload(event: Event) -> tuple[dict[str, Any], list[BytesLike]]:
         case Ack():
             h |= {"epoch": event.epoch}
         case Heartbeat():
-            h |= {"seq": event.seq, "time": float(event.time)}
+            h |= {"seq": event.seq, "time": float(event.time), "echo": event.echo}
         case End():
             h |= {"reason": event.reason}
     return h, payload
@@ -861,9 +898,13 @@ def _event_from(kind: str, h: dict[str, Any], payload: BytesLike) -> Event:
                 ram_size=h["ram_size"],
                 page_size=h["page_size"],
                 features=tuple(h["features"]),
+                timeout_ms=h["timeout_ms"],
+                arbiter_key=h["arbiter_key"],
             )
         case "WELCOME":
-            return Welcome(version=h["version"], features=tuple(h["features"]), auth=h["auth"])
+            return Welcome(version=h["version"], features=tuple(h["features"]), auth=h["auth"],
+                           takeover_ms=h["takeover_ms"], timeout_ms=h["timeout_ms"],
+                           standby=h["standby"])
         case "CHECKPOINT_BEGIN":
             return CheckpointBegin(h["epoch"], h["full"])
         case "PAGES":
@@ -891,7 +932,7 @@ def _event_from(kind: str, h: dict[str, Any], payload: BytesLike) -> Event:
         case "ACK":
             return Ack(h["epoch"])
         case "HEARTBEAT":
-            return Heartbeat(h["seq"], h["time"])
+            return Heartbeat(h["seq"], h["time"], h["echo"])
         case _:
             return End(h["reason"])
 
@@ -1000,6 +1041,11 @@ class _Connection:
     def features(self) -> frozenset[str]:
         """The features both sides agreed on in WELCOME."""
         return self._session.features
+
+    @property
+    def their_heartbeat_seq(self) -> int:
+        """The highest HEARTBEAT seq received from the peer (0: none yet): the echo."""
+        return max(self._theirs.heartbeat_seq, 0)
 
     @property
     def unacked(self) -> tuple[int, ...]:

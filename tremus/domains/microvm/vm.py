@@ -39,6 +39,9 @@ STATE_FORMAT = "tremus-microvm"
 STATE_VERSION = 1
 KICK_SIGNAL = signal.SIGRTMIN + 3
 _kick_handler_installed = False
+#: Seconds between the gratuitous ARPs after the first, when the guest appears on a
+#: new host (QEMU announces 5 times, 50 ms apart growing by 100 ms).
+ANNOUNCE_GAPS = (0.05, 0.15, 0.25, 0.35, 0.45, 0.55)
 _NOT_RUN = 1 << 40  # _park_if_requested: the vCPU was not run on release
 
 
@@ -76,6 +79,7 @@ class MicroVM:
                  kvm_path: str | None = None) -> None:
         kvm_path = kvm_path or os.environ.get("TREMUS_KVM_DEVICE", "/dev/kvm")
         self._native = _require_native()
+        self._nursery: trio.Nursery | None = None
         self._config = config
         self._geometry = Geometry(config.memory, abi.PAGE_SIZE)
         self._console_sink = console
@@ -285,8 +289,10 @@ class MicroVM:
                     nursery.start_soon(self._stop_when_cancelled)
                     nursery.start_soon(self._run_vcpu_thread, nursery.cancel_scope)
                     await started.wait()
+                    self._nursery = nursery
                     task_status.started()
         finally:
+            self._nursery = None
             self._running = False
             self._parked_event.set()
             self._close_kvm()
@@ -363,14 +369,25 @@ class MicroVM:
                 os.eventfd_write(self._event_fd, 1)
 
     def announce(self) -> bool:
-        """Send a gratuitous ARP for the guest's IP and MAC on its TAP.
+        """Announce the guest's IP and MAC on its TAP (gratuitous ARP), now and then
+        again over the next two seconds while it runs (QEMU's announce rounds).
 
         Call it when the machine appears on a new host (failover), so that bridges
-        and neighbours learn where it is now. False if it has no NIC or IP address.
+        and neighbours learn where it is now — repeatedly, so that a frame from a
+        stale copy elsewhere cannot leave a switch's MAC entry pointing there. False
+        if it has no NIC or IP address.
         """
-        if self.nic is None:
+        if self.nic is None or not self.nic.announce():
             return False
-        return self.nic.announce()
+        if self._nursery is not None:
+            self._nursery.start_soon(self._announce_rounds, self.nic)
+        return True
+
+    @staticmethod
+    async def _announce_rounds(nic: Nic) -> None:
+        for gap in ANNOUNCE_GAPS:
+            await trio.sleep(gap)
+            nic.announce()
 
     def close(self) -> None:
         """Release KVM and the RAM mapping (``ram`` is invalid afterwards)."""
