@@ -1,0 +1,217 @@
+"""Defects found by the fault campaign, each pinned by a test (issue: safe under every fault).
+
+In one process where the fault needs precise timing (a stream that fails in both
+directions at once), between real processes on loopback with SIGSTOP/SIGCONT/SIGKILL
+otherwise, and in network namespaces for the nfqueue buffer.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+
+import pytest
+import trio
+
+from tests._microvm_util import needs_kvm
+from tests.test_failover import counters, start_pair
+from tremus import transports
+from tremus.domains.registry import create_domain
+from tremus.engine.backup import BackupOutcome, BackupSession
+from tremus.engine.config import ProtectionConfig
+from tremus.engine.events import CheckpointAcked, FailoverComplete
+from tremus.engine.primary import PrimarySession
+from tremus.testing.topology import require_root
+
+pytestmark = needs_kvm
+
+
+class FailingBothWays(trio.abc.Stream):
+    """The backup's end of a connection to a primary that dies while the backup's
+    heartbeats are stuck: once ``stall()`` is called sends hang, and ``die()`` makes
+    the hanging send and the pending receive fail together (a reset and a broken
+    pipe, as two tasks see them). A test double for the network, not under test."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.stalled = False
+        self.sending = trio.Event()
+        self.dead = trio.Event()
+
+    def stall(self) -> None:
+        self.stalled = True
+
+    def die(self) -> None:
+        self.dead.set()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.stalled:
+            self.sending.set()
+            await self.dead.wait()
+            raise trio.BrokenResourceError("[Errno 32] Broken pipe")
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self.stalled:
+            await self.dead.wait()
+            raise trio.BrokenResourceError("[Errno 104] Connection reset by peer")
+        async with trio.open_nursery() as nursery:
+            got: list[bytes] = []
+
+            async def receive() -> None:
+                got.append(await self.inner.receive_some(max_bytes))
+                nursery.cancel_scope.cancel()
+
+            async def die() -> None:
+                await self.dead.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(receive)
+            nursery.start_soon(die)
+        if not got:
+            raise trio.BrokenResourceError("[Errno 104] Connection reset by peer")
+        return got[0]
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_two_tasks_seeing_the_dead_primary_at_once_still_fail_over() -> None:
+    config = ProtectionConfig(interval_ms=20, heartbeat_ms=5, heartbeat_timeout_ms=1000)
+    listener = await transports.listen("tcp://127.0.0.1:0")
+    outcome: list[BackupOutcome] = []  # filled once the failed-over guest stops
+    async with trio.open_nursery() as nursery:
+        domain = create_domain("microvm:workload=counter,memory=4M,interval_ms=20")
+        await nursery.start(domain.run)
+        stream = await transports.connect(listener.url)
+        wrapped = FailingBothWays(await listener.accept())
+        await listener.aclose()
+        backup = BackupSession(wrapped, config=config)
+        primary = PrimarySession(domain, stream, config=config)
+        acked: list[CheckpointAcked] = []
+        primary.events.add_callback(
+            lambda e: acked.append(e) if isinstance(e, CheckpointAcked) else None)
+
+        async def run_backup() -> None:
+            outcome.append(await backup.run())
+
+        nursery.start_soon(run_backup)
+        await nursery.start(primary.run)
+        with trio.fail_after(30):
+            while len(acked) < 3:
+                await trio.sleep(0.01)
+            wrapped.stall()
+            await wrapped.sending.wait()  # a heartbeat hangs in send_all
+            primary.stop()  # the primary's side goes away; ours fails both ways at once
+            wrapped.die()
+            complete = await backup.failover.wait()
+        assert isinstance(complete, FailoverComplete)
+        assert backup.domain is not None  # the guest runs here now
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_stalled_backup_does_not_take_over_when_it_comes_back() -> None:
+    async with trio.open_nursery() as nursery:
+        backup, primary = await start_pair(nursery, "--heartbeat-timeout", "500",
+                                           "--fence", "true", "--fence-timeout", "1")
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 5, what="acks")
+        backup.process.send_signal(signal.SIGSTOP)
+        try:
+            lost = await primary.wait_for(lambda p: p.of("backup_lost"), timeout=20,
+                                          what="backup_lost")
+            # Held for the backup's takeover window: its timeout, fence time, a grace.
+            assert lost[0]["hold_ms"] == 500 + 1000 + 250
+            await trio.sleep(2.5)
+        finally:
+            backup.process.send_signal(signal.SIGCONT)
+        await backup.exited.wait()
+        assert not backup.of("failover_started"), backup.events[-3:]
+        assert not backup.of("failover_complete")
+        # The primary was never fenced: its guest runs on.
+        at = len(primary.events)
+        await primary.wait_for(lambda p: len(counters(p.events[at:])) >= 3, what="counter")
+        assert primary.process.returncode is None
+        primary.kill()
+
+
+async def test_a_backup_past_its_takeover_window_refuses_even_without_an_end() -> None:
+    """The primary gave the backup up while it was stopped and then died, so no END
+    and an EOF wait for the backup: the replica is stale, it must not run."""
+    async with trio.open_nursery() as nursery:
+        backup, primary = await start_pair(nursery, "--heartbeat-timeout", "300")
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 5, what="acks")
+        backup.process.send_signal(signal.SIGSTOP)
+        try:
+            await primary.wait_for(lambda p: p.of("output_released") or p.of("backup_lost"),
+                                   timeout=20, what="backup_lost")
+            await trio.sleep(1.5)  # past the window: the primary may have gone on
+            primary.kill()
+            await primary.exited.wait()
+        finally:
+            backup.process.send_signal(signal.SIGCONT)
+        await backup.exited.wait()
+        assert not backup.of("failover_complete"), backup.events[-3:]
+
+
+async def test_a_stalled_primary_stops_its_guest_when_it_comes_back() -> None:
+    """No fence: the backup takes over from a primary that stood still; the primary,
+    back, must not answer anyone (split brain) — it stops its guest."""
+    async with trio.open_nursery() as nursery:
+        backup, primary = await start_pair(nursery, "--heartbeat-timeout", "500")
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 5, what="acks")
+        primary.process.send_signal(signal.SIGSTOP)
+        try:
+            await backup.wait_for(lambda b: b.of("failover_complete"), what="failover")
+        finally:
+            primary.process.send_signal(signal.SIGCONT)
+        await primary.exited.wait()
+        assert primary.process.returncode == 1
+        halted = primary.of("ownership_lost")
+        assert halted and "stood still" in halted[0]["reason"], primary.events[-3:]
+        assert not primary.of("output_released")
+        backup.kill()
+
+
+async def test_failover_complete_when_the_backup_was_stopped_as_the_primary_died() -> None:
+    """Stall, then kill (the campaign's defect 1): the backup fails over, it does not crash."""
+    async with trio.open_nursery() as nursery:
+        backup, primary = await start_pair(nursery, "--heartbeat-timeout", "1000")
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 10, what="acks")
+        primary.process.send_signal(signal.SIGSTOP)
+        await trio.sleep(0.3)
+        backup.process.send_signal(signal.SIGSTOP)
+        primary.kill()
+        await trio.sleep(0.5)
+        backup.process.send_signal(signal.SIGCONT)
+        await backup.wait_for(lambda b: b.of("failover_complete"), what="failover")
+        assert b"Traceback" not in backup.stderr
+        assert backup.process.returncode is None
+        backup.kill()
+
+
+_no_netns = require_root() or (None if shutil.which("iptables") else "needs iptables")
+
+
+@pytest.mark.skipif(_no_netns is not None, reason=_no_netns or "")
+async def test_nfqueue_protection_ends_cleanly_and_survives_the_backup() -> None:
+    from tests._netharness import kv_net
+
+    with trio.fail_after(60):
+        async with kv_net() as net:
+            await net.start_backup()
+            primary = await net.start_primary("nfqueue", 50, "--duration", "3")
+            await primary.exited.wait()
+            assert primary.process.returncode == 0, primary.stderr.decode()[-2000:]
+            assert b"Traceback" not in primary.stderr
+            assert primary.of("protection_stopped") and primary.of("domain_stopped")
+
+            backup = await net.start_backup()
+            primary = await net.start_primary("nfqueue", 50)
+            backup.kill()
+            await primary.wait_for(lambda p: p.of("backup_lost"), what="backup_lost")
+            got = await net.ask("SET after backup-lost", timeout=30)
+            assert got.reply == "OK after"
+            assert primary.process.returncode is None
