@@ -37,7 +37,8 @@ def reached_at_checkpoint(primary: TremusProcess, epoch: int) -> int:
 
 
 async def start_pair(nursery: trio.Nursery, *backup_args: str,
-                     domain: str = "microvm:workload=counter,memory=16M,interval_ms=20"
+                     domain: str = "microvm:workload=counter,memory=16M,interval_ms=20",
+                     primary_args: tuple[str, ...] = ()
                      ) -> tuple[TremusProcess, TremusProcess]:
     """A ``tremus backup`` and a ``tremus protect`` to it on loopback (interval 50 ms)."""
     port = free_port()
@@ -45,7 +46,8 @@ async def start_pair(nursery: trio.Nursery, *backup_args: str,
                                 "--json", *backup_args)
     await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
     primary = await start_tremus(nursery, "primary", "protect", "--domain", domain,
-                                 "--backup", f"127.0.0.1:{port}", "--interval", "50", "--json")
+                                 "--backup", f"127.0.0.1:{port}", "--interval", "50", "--json",
+                                 *primary_args)
     return backup, primary
 
 
