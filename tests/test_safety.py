@@ -24,6 +24,7 @@ from tremus.engine.config import ProtectionConfig
 from tremus.engine.events import CheckpointAcked, FailoverComplete
 from tremus.engine.primary import PrimarySession
 from tremus.testing.etcd import EtcdCluster, require_etcd
+from tremus.testing.procs import TremusProcess
 from tremus.testing.topology import require_root
 
 pytestmark = needs_kvm
@@ -223,47 +224,49 @@ async def test_nfqueue_protection_ends_cleanly_and_survives_the_backup() -> None
 _no_etcd = require_etcd()
 
 
+async def arbitrated_pair(nursery: trio.Nursery, cluster: EtcdCluster
+                          ) -> tuple[TremusProcess, TremusProcess]:
+    """A backup and a primary deciding ownership in ``cluster`` (1 s leases), 5 acks in."""
+    arbiter = ("--arbiter", cluster.url, "--lease-ttl", "1")
+    backup, primary = await start_pair(nursery, "--heartbeat-timeout", "500", *arbiter,
+                                       primary_args=arbiter)
+    await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 5, what="acks")
+    return backup, primary
+
+
 @pytest.mark.skipif(_no_etcd is not None, reason=_no_etcd or "")
 async def test_with_an_arbiter_the_backup_takes_over_only_after_the_lease_expires() -> None:
-    async with EtcdCluster(3) as cluster:
-        arbiter = ("--arbiter", cluster.url, "--lease-ttl", "1")
-        async with trio.open_nursery() as nursery:
-            backup, primary = await start_pair(nursery, "--heartbeat-timeout", "500", *arbiter,
-                                               primary_args=arbiter)
-            await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 5, what="acks")
-            taken = primary.of("ownership_taken")
-            assert taken and taken[0]["owner"].startswith(socket.gethostname())
-            primary.kill()
-            killed_at = time.time()
-            complete = await backup.wait_for(lambda b: b.of("failover_complete"),
-                                             what="failover")
-            owner = backup.of("ownership_taken")
-            assert owner and owner[0]["time"] <= complete[0]["time"]
-            # The primary's lease (at least 1 s from its last renewal) had to expire first.
-            assert owner[0]["time"] - killed_at > 0.3
-            at = len(backup.events)
-            await backup.wait_for(lambda b: len(counters(b.events[at:])) >= 2, what="counter")
-            backup.kill()
+    async with EtcdCluster(3) as cluster, trio.open_nursery() as nursery:
+        backup, primary = await arbitrated_pair(nursery, cluster)
+        taken = primary.of("ownership_taken")
+        assert taken and taken[0]["owner"].startswith(socket.gethostname())
+        primary.kill()
+        killed_at = time.time()
+        complete = await backup.wait_for(lambda b: b.of("failover_complete"),
+                                         what="failover")
+        owner = backup.of("ownership_taken")
+        assert owner and owner[0]["time"] <= complete[0]["time"]
+        # The primary's lease (at least 1 s from its last renewal) had to expire first.
+        assert owner[0]["time"] - killed_at > 0.3
+        at = len(backup.events)
+        await backup.wait_for(lambda b: len(counters(b.events[at:])) >= 2, what="counter")
+        backup.kill()
 
 
 @pytest.mark.skipif(_no_etcd is not None, reason=_no_etcd or "")
 async def test_with_an_arbiter_a_stale_backup_is_refused_ownership() -> None:
-    async with EtcdCluster(3) as cluster:
-        arbiter = ("--arbiter", cluster.url, "--lease-ttl", "1")
-        async with trio.open_nursery() as nursery:
-            backup, primary = await start_pair(nursery, "--heartbeat-timeout", "500", *arbiter,
-                                               primary_args=arbiter)
-            await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 5, what="acks")
-            backup.process.send_signal(signal.SIGSTOP)
-            try:
-                lost = await primary.wait_for(lambda p: p.of("backup_lost"), what="backup_lost")
-                assert lost[0]["hold_ms"] == 0  # the arbiter, not a timer, decides
-                at = len(primary.events)
-                await primary.wait_for(lambda p: len(counters(p.events[at:])) >= 3,
-                                       what="the guest going on")
-            finally:
-                backup.process.send_signal(signal.SIGCONT)
-            await backup.exited.wait()
-            assert not backup.of("failover_complete")
-            assert primary.process.returncode is None
-            primary.kill()
+    async with EtcdCluster(3) as cluster, trio.open_nursery() as nursery:
+        backup, primary = await arbitrated_pair(nursery, cluster)
+        backup.process.send_signal(signal.SIGSTOP)
+        try:
+            lost = await primary.wait_for(lambda p: p.of("backup_lost"), what="backup_lost")
+            assert lost[0]["hold_ms"] == 0  # the arbiter, not a timer, decides
+            at = len(primary.events)
+            await primary.wait_for(lambda p: len(counters(p.events[at:])) >= 3,
+                                   what="the guest going on")
+        finally:
+            backup.process.send_signal(signal.SIGCONT)
+        await backup.exited.wait()
+        assert not backup.of("failover_complete")
+        assert primary.process.returncode is None
+        primary.kill()

@@ -57,6 +57,7 @@ from tremus.engine.events import (
     ProtectionStopped,
 )
 from tremus.engine.ownership import Ownership, OwnershipError
+from tremus.engine.ownership import OwnershipLost as NotOwner
 from tremus.transports.codec import DeltaCodec, RawCodec, split_batches
 
 __all__ = ["BackupLostError", "PrimarySession"]
@@ -517,28 +518,28 @@ class PrimarySession:
                 f"up after {welcome.timeout_ms} ms) and then lost the backup: the backup may "
                 f"run the guest now")
 
-    async def _hold_until_safe(self, lost: BackupLostError) -> float:
-        """Wait until the backup can no longer take over; returns the hold in ms."""
+    async def _hold_until_safe(self, lost: BackupLostError) -> None:
+        """Wait until the backup can no longer take over."""
         if lost.ended or not self.epochs_acked or self._welcome is None:
-            return 0.0
+            return
         if self._ownership is not None:
             # The arbiter decides: once the standby designation is gone no backup can
             # take over, whatever it holds.
-            started = trio.current_time()
             while True:
                 try:
                     await self._ownership.drop_standby()
                     break
+                except NotOwner as exc:
+                    raise _Halt(f"the backup is lost and this primary no longer owns the "
+                                f"guest: {exc}") from exc
                 except OwnershipError as exc:
                     if self._ownership.lost.is_set() or not self._ownership.may_release():
                         raise _Halt(f"the backup is lost and the arbiter cannot confirm that "
                                     f"it may not take over: {exc}") from exc
                     await trio.sleep(0.1)
-            return (trio.current_time() - started) * 1000
-        hold = self._welcome.takeover_ms / 1000
-        with trio.move_on_after(hold):
+            return
+        with trio.move_on_after(self._welcome.takeover_ms / 1000):
             await self._stop.wait()
-        return hold * 1000
 
     async def _backup_lost(self, lost: BackupLostError) -> None:
         if self._lost is not None:
