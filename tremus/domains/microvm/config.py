@@ -1,4 +1,17 @@
-"""Configuration of a micro-VM, parsed from a domain spec's options."""
+"""Configuration of a micro-VM, parsed from a domain spec's options.
+
+Options (``microvm:key=value,...``):
+
+- ``workload``: ``counter``, ``dirty``, ``kv`` or ``diskwrite``; ``memory`` (e.g. ``16M``);
+- ``interval_ms`` (counter: time between lines); ``rate`` (dirty: pages per second;
+  diskwrite: writes per second, 0 = as fast as it can); ``pattern`` (``random``,
+  ``sequential``, ``hotset``; diskwrite: ``random`` or ``sequential``); ``ws``/``hot``
+  (dirty: working-set and hot-set sizes); ``seed``;
+- a NIC: ``tap=NAME``, ``bridge=BR``, ``mac=02:..``, ``ip=A.B.C.D/NN``;
+- a disk: ``disk=PATH`` (a raw image), ``disk_size=SIZE`` (creates a missing image,
+  sparse; must match an existing one's size), ``io_size`` (diskwrite: bytes per
+  write, a multiple of 512, default 4K).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +23,7 @@ from typing import Any
 
 from tremus.domains.base import DomainError
 from tremus.domains.microvm import abi
+from tremus.domains.microvm.disk import MIN_DISK_SIZE
 from tremus.domains.microvm.nic import default_mac
 from tremus.domains.microvm.tap import valid_ifname
 
@@ -90,10 +104,14 @@ class MicroVMConfig:
     bridge: str | None = None
     mac: str | None = None
     ip: str | None = None
+    disk: str | None = None
+    disk_size: int = 0  # bytes; 0 = the existing image's size
+    io_size: int = 4096  # diskwrite: bytes per write
 
     @classmethod
     def from_options(cls, options: Mapping[str, str]) -> MicroVMConfig:
-        """Validate ``key=value`` options of a ``microvm:`` spec, with clear errors."""
+        """Validate ``key=value`` options of a ``microvm:`` spec (the keys are listed in
+        this module's docstring), with clear errors."""
         known = {f.name for f in dataclasses.fields(cls)} | {"ws", "hot"}
         unknown = sorted(set(options) - known)
         if unknown:
@@ -103,7 +121,7 @@ class MicroVMConfig:
             )
         kwargs: dict[str, Any] = {}
         for key, value in options.items():
-            if key in ("memory", "working_set", "ws", "hot_set", "hot"):
+            if key in ("memory", "working_set", "ws", "hot_set", "hot", "disk_size", "io_size"):
                 name = {"ws": "working_set", "hot": "hot_set"}.get(key, key)
                 kwargs[name] = parse_size(value, key)
             elif key in ("interval_ms", "rate", "seed"):
@@ -147,6 +165,7 @@ class MicroVMConfig:
         if self.interval_ms < 1 or self.interval_ms > 3_600_000:
             raise DomainError(f"interval_ms={self.interval_ms} must be within 1..3600000")
         self._validate_net()
+        self._validate_disk()
         if self.workload == "dirty" and self.working_set > self.memory - abi.WORKING_SET_ADDR:
             raise DomainError(
                 f"working set {self.working_set >> 10}K does not fit in memory "
@@ -170,6 +189,37 @@ class MicroVMConfig:
         if self.workload == "kv" and (self.tap is None or self.ip is None):
             raise DomainError("workload=kv needs a NIC and an address: give tap=NAME and "
                               "ip=A.B.C.D/NN")
+
+    def _validate_disk(self) -> None:
+        if self.disk is None:
+            if self.disk_size:
+                raise DomainError("disk_size= needs a disk: give disk=PATH as well")
+        elif not self.disk.strip():
+            raise DomainError("disk= needs the path of a raw disk image")
+        if self.disk_size % abi.DISK_SECTOR_SIZE:
+            raise DomainError(f"disk_size={self.disk_size} is not a multiple of the "
+                              f"{abi.DISK_SECTOR_SIZE}-byte sector")
+        if self.disk_size and self.disk_size < MIN_DISK_SIZE:
+            raise DomainError(f"disk_size={self.disk_size} is too small: at least "
+                              f"{MIN_DISK_SIZE >> 10}K")
+        most = abi.DISK_MAX_SECTORS * abi.DISK_SECTOR_SIZE
+        if self.io_size % abi.DISK_SECTOR_SIZE or not 0 < self.io_size <= most:
+            raise DomainError(f"io_size={self.io_size} must be a multiple of "
+                              f"{abi.DISK_SECTOR_SIZE} within {abi.DISK_SECTOR_SIZE}.."
+                              f"{most >> 10}K")
+        if self.workload != "diskwrite":
+            return
+        if self.disk is None:
+            raise DomainError("workload=diskwrite needs a disk: give disk=PATH "
+                              "(and disk_size=SIZE to create it)")
+        if self.pattern not in ("random", "sequential"):
+            raise DomainError(f"workload=diskwrite writes a random or sequential pattern, "
+                              f"not {self.pattern!r}")
+        if self.io_size > self.memory - abi.WORKING_SET_ADDR:
+            raise DomainError(f"io_size={self.io_size >> 10}K does not fit in memory "
+                              f"{self.memory >> 10}K above the {abi.WORKING_SET_ADDR >> 10}K base")
+        if self.disk_size and self.io_size > self.disk_size:
+            raise DomainError(f"io_size={self.io_size} is larger than disk_size={self.disk_size}")
 
     @property
     def mac_bytes(self) -> bytes:
@@ -201,6 +251,8 @@ class MicroVMConfig:
             pattern=abi.PATTERNS[self.pattern],
             hot_pages=self.hot_set_pages,
             seed=self.seed,
+            disk_sectors=self.disk_size // abi.DISK_SECTOR_SIZE if self.disk is not None else 0,
+            io_sectors=self.io_size // abi.DISK_SECTOR_SIZE,
             **self._net_boot_info(),
         )
 

@@ -7,6 +7,7 @@ kicks the vCPU out of KVM_RUN (``immediate_exit`` + a signal to its thread).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import mmap
@@ -29,6 +30,7 @@ from tremus.domains.base import ConsoleSink, DomainError, Geometry
 from tremus.domains.microvm import _kvm, abi
 from tremus.domains.microvm.config import MicroVMConfig
 from tremus.domains.microvm.devices import Clock, Console, ExitPort, Idle, PortDevice
+from tremus.domains.microvm.disk import Disk
 from tremus.domains.microvm.nic import Nic
 from tremus.domains.microvm.tap import Tap
 from tremus.domains.microvm.vcpu import Vcpu
@@ -76,7 +78,7 @@ class MicroVM:
     driver = "microvm"
 
     def __init__(self, config: MicroVMConfig, *, console: ConsoleSink | None = None,
-                 kvm_path: str | None = None) -> None:
+                 kvm_path: str | None = None, restoring: bool = False) -> None:
         kvm_path = kvm_path or os.environ.get("TREMUS_KVM_DEVICE", "/dev/kvm")
         self._native = _require_native()
         self._nursery: trio.Nursery | None = None
@@ -168,6 +170,30 @@ class MicroVM:
             self.nic = Nic(tap, self._ram, self.write_ram, mac=config.mac_bytes, ip=ip)
             self._devices += (self.nic,)
             self._ports.update(dict.fromkeys(self.nic.ports, self.nic))
+        #: The paravirtual block device (``disk=``), or None.
+        self.disk: Disk | None = None
+        if config.disk is not None:
+            try:
+                self._open_disk(config, restoring)
+            except BaseException:
+                self.close()
+                raise
+
+    def _open_disk(self, config: MicroVMConfig, restoring: bool) -> None:
+        assert config.disk is not None
+        # A restored machine opens the image its configuration names (a backup points
+        # it at its replica) and never creates one.
+        disk = Disk.open(config.disk, self._ram, self.mark_dirty, size=config.disk_size,
+                         create=not restoring)
+        self.disk = disk
+        if config.workload == "diskwrite" and config.io_size > disk.size:
+            raise DomainError(f"disk image {config.disk} ({disk.size} bytes) is smaller than "
+                              f"io_size={config.io_size}")
+        # The configuration carries the image's actual size (the boot info's
+        # disk_sectors; a backup checks its replica against it).
+        self._config = dataclasses.replace(config, disk_size=disk.size)
+        self._devices += (disk,)
+        self._ports.update(dict.fromkeys(disk.ports, disk))
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -187,7 +213,7 @@ class MicroVM:
         """A machine rebuilt from a RAM image and ``save_state()`` bytes (failover)."""
         if len(ram) != config.memory:
             raise DomainError(f"RAM image is {len(ram)} bytes, the configuration says {config.memory}")
-        vm = cls(config, console=console)
+        vm = cls(config, console=console, restoring=True)
         try:
             vm._ram[:] = ram
             vm._load_state(state)
@@ -220,6 +246,13 @@ class MicroVM:
             if state.get("version") != STATE_VERSION:
                 raise DomainError(f"micro-VM state version {state.get('version')} is not "
                                   f"supported (this build reads {STATE_VERSION})")
+            has_disk = "disk" in state["devices"]
+            if has_disk != (self.disk is not None):
+                raise DomainError(
+                    "the checkpoint's machine has a disk: give its image as disk=PATH in the "
+                    "configuration" if has_disk else
+                    f"the checkpoint's machine has no disk, the configuration gives "
+                    f"disk={self._config.disk}")
             self._vcpu.restore(state["vcpu"])
             for device in self._devices:
                 device.restore(state["devices"][device.name])
@@ -256,7 +289,13 @@ class MicroVM:
         if addr < 0 or end > self._config.memory:
             raise DomainError(f"VMM write {addr:#x}..{end:#x} outside guest RAM")
         self._ram[addr:end] = data
-        for pfn in range(addr // abi.PAGE_SIZE, (end - 1) // abi.PAGE_SIZE + 1 if data else 0):
+        self.mark_dirty(addr, len(data))
+
+    def mark_dirty(self, addr: int, length: int) -> None:
+        """Add guest RAM the VMM wrote in place (a device's DMA) to the dirty set."""
+        if length <= 0:
+            return
+        for pfn in range(addr // abi.PAGE_SIZE, (addr + length - 1) // abi.PAGE_SIZE + 1):
             self._vmm_bitmap[pfn >> 3] |= 1 << (pfn & 7)
 
     def read_and_clear_dirty(self) -> memoryview:
@@ -410,6 +449,9 @@ class MicroVM:
         nic: Nic | None = getattr(self, "nic", None)
         if nic is not None:
             nic.close()
+        disk: Disk | None = getattr(self, "disk", None)
+        if disk is not None:
+            disk.close()
         if hasattr(self, "_vcpu"):
             self._vcpu.close()
         for fd in self._fds:

@@ -12,8 +12,9 @@ typedef unsigned long u64;
 
 #define BOOT_INFO_ADDR 0x8000UL
 #define BOOT_INFO_MAGIC 0x494253554D455254UL /* "TREMUSBI" as little-endian bytes */
+#define BOOT_INFO_VERSION 2
 
-enum workload { WL_COUNTER = 1, WL_DIRTY = 2, WL_KV = 3 };
+enum workload { WL_COUNTER = 1, WL_DIRTY = 2, WL_KV = 3, WL_DISKWRITE = 4 };
 enum pattern { PAT_RANDOM = 0, PAT_SEQUENTIAL = 1, PAT_HOTSET = 2 };
 
 struct boot_info {
@@ -32,6 +33,8 @@ struct boot_info {
     u32 ip;           /* network byte order */
     u32 netmask;      /* network byte order */
     u64 net_buf;      /* guest-physical address of the NIC buffer area; 0 = no NIC */
+    u64 disk_sectors; /* size of the disk in DISK_SECTOR_SIZE sectors; 0 = no disk */
+    u64 io_sectors;   /* diskwrite: sectors per write */
 };
 
 /* Ports. 32-bit accesses unless noted. */
@@ -43,6 +46,9 @@ struct boot_info {
 #define PORT_NIC_RX    0x550 /* in: copy the next received frame to net_buf + NET_RX_OFFSET,
                                 return its length (0 = nothing received) */
 #define PORT_NIC_TX    0x554 /* out: send the frame of value bytes at net_buf + NET_TX_OFFSET */
+#define PORT_DISK      0x560 /* out: guest-physical address of a struct disk_req; the VMM
+                                performs it during the exit and writes its status */
+#define PORT_DISK_GEN  0x564 /* in: the disk's restore generation (bumped on every restore) */
 
 /* The NIC buffer area (boot_info.net_buf). */
 #define NET_BUF_ADDR   0x90000UL
@@ -52,6 +58,29 @@ struct boot_info {
 #define NET_FRAME_MIN  14
 
 #define KV_UDP_PORT    7000
+
+/* The block device (boot_info.disk_sectors != 0). A request is a descriptor in guest
+ * RAM; the doorbell (PORT_DISK) performs it synchronously and fills in status. */
+#define DISK_SECTOR_SIZE 512
+#define DISK_MAX_SECTORS 2048 /* per request: 1 MiB */
+
+enum disk_op { DISK_OP_READ = 0, DISK_OP_WRITE = 1, DISK_OP_FLUSH = 2 };
+enum disk_status {
+    DISK_OK = 0,
+    DISK_E_RANGE = 1,  /* count 0 or > DISK_MAX_SECTORS, or past the end of the disk */
+    DISK_E_OP = 2,     /* unknown op */
+    DISK_E_IO = 3,     /* the host's I/O failed */
+    DISK_E_BUF = 4,    /* the data buffer is not inside guest RAM */
+};
+
+struct disk_req {      /* 32 bytes, anywhere in guest RAM */
+    u32 op;            /* enum disk_op */
+    u32 count;         /* sectors (read, write); ignored by flush */
+    u64 sector;        /* first sector */
+    u64 buf;           /* guest-physical address of count * DISK_SECTOR_SIZE bytes */
+    u32 status;        /* written by the VMM before the doorbell's exit returns */
+    u32 reserved;
+};
 
 /* Port I/O is also a compiler memory barrier: the VMM reads what the guest wrote before
  * an `out` (console line, TX frame) and writes what the guest reads after an `in` (RX). */

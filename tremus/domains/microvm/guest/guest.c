@@ -3,6 +3,7 @@
  * instructions (under emulation it runs at about a million per second).
  */
 #include "abi.h"
+#include "disk.h"
 #include "kv.h"
 #include "text.h"
 
@@ -100,10 +101,71 @@ static void run_dirty(void)
     }
 }
 
+static volatile u64 disk_writes;
+
+/* Write the disk at BI->rate writes per second (0: as fast as it can), io_sectors
+ * sectors per write, at random or sequential io-aligned places. The first 16 bytes of
+ * every sector written are the write's number and the sector's own number. */
+static void run_diskwrite(void)
+{
+    u8 *buf = (u8 *)BI->ws_start;
+    u64 io = BI->io_sectors, rate = BI->rate, pattern = BI->pattern;
+    u64 slots = io ? disk_sectors() / io : 0;
+    u64 next = 0, issued = 0, backlog = rate / 10 + 1, t0;
+    rng_state = BI->seed | 1;
+    if (!slots) {
+        print(put_str(line, "diskwrite: needs a disk of io_size bytes or more"));
+        outl(PORT_EXIT, 5);
+        return;
+    }
+    print(put_u64(put_str(put_u64(put_str(line, "diskwrite sectors="), disk_sectors()), " io="),
+                  io * DISK_SECTOR_SIZE));
+    t0 = clock_ns();
+    for (;;) {
+        u64 due = issued + 1;
+        if (rate) {
+            u64 us = (clock_ns() - t0) / 1000;
+            due = us * rate / 1000000;
+            if (due > issued + backlog) /* fell behind (e.g. paused): forget the excess */
+                issued = due - backlog;
+            if (issued >= due) {
+                u64 at = ((issued + 1) * 1000000 + rate - 1) / rate;
+                idle_us(at > us ? at - us : 1);
+                continue;
+            }
+        }
+        while (issued < due) {
+            u64 sector, n = disk_writes + 1;
+            u32 st;
+            if (pattern == PAT_SEQUENTIAL) {
+                sector = next * io;
+                next = next + 1 == slots ? 0 : next + 1;
+            } else {
+                sector = rng() % slots * io;
+            }
+            for (u64 i = 0; i < io; i++) {
+                u64 *s = (u64 *)(buf + i * DISK_SECTOR_SIZE);
+                s[0] = n;
+                s[1] = sector + i;
+            }
+            st = disk_write(sector, (u32)io, buf);
+            if (st) {
+                char *p = put_u64(put_str(line, "diskwrite error "), st);
+                print(put_u64(put_str(p, " at sector "), sector));
+                outl(PORT_EXIT, 5);
+                return;
+            }
+            issued++;
+            disk_writes = n;
+            if ((n & 63) == 0)
+                print(put_u64(put_str(line, "diskwrite "), n));
+        }
+    }
+}
 
 void main(void)
 {
-    if (BI->magic != BOOT_INFO_MAGIC) {
+    if (BI->magic != BOOT_INFO_MAGIC || BI->version != BOOT_INFO_VERSION) {
         outl(PORT_EXIT, 2);
         return;
     }
@@ -117,9 +179,11 @@ void main(void)
     case WL_KV:
         run_kv();
         break;
+    case WL_DISKWRITE:
+        run_diskwrite();
+        break;
     default:
         print(put_str(line, "unknown workload"));
         outl(PORT_EXIT, 3);
     }
-    (void)clock_ns;
 }

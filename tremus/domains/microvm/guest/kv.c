@@ -5,8 +5,14 @@
  * RX buffer), answer it from the TX buffer (port PORT_NIC_TX), and halt with a
  * deadline when nothing is there (the VMM ends the halt when a frame arrives).
  * The table lives in .bss, so every checkpoint carries it. Protocol: ABI.md.
+ *
+ * With a disk, every SET is also a record appended to a log on the disk, written
+ * and flushed before the reply; the log is replayed at boot. After a restore (the
+ * disk's generation changed) the guest checks that the disk's log ends where its
+ * memory says it does. Log format: ABI.md, "The kv log".
  */
 #include "abi.h"
+#include "disk.h"
 #include "kv.h"
 #include "text.h"
 
@@ -34,7 +40,13 @@ static u32 kv_count;
 static u8 my_mac[6], my_ip[4];
 static u8 *rx, *tx;
 static u32 ip_id;
-static char kv_line[64];
+static char kv_line[128];
+
+static void say(char *end)
+{
+    *end = 0;
+    outl(PORT_CONSOLE, (u32)(u64)kv_line);
+}
 
 /* -- small helpers ------------------------------------------------------------ */
 
@@ -116,6 +128,190 @@ static struct entry *lookup(const char *k, u32 n, int insert)
     return 0;
 }
 
+/* -- the log on disk ---------------------------------------------------------------- */
+
+#define LOG_MAGIC 0x564B53554D455254UL /* "TREMUSKV" */
+#define LOG_VERSION 1
+#define REC_MAGIC 0x3152564BU /* "KVR1" */
+#define REC_SUM_WORDS 30      /* the checksum covers bytes 8..127 */
+#define LOG_BATCH 32          /* sectors per read while replaying */
+
+struct log_header {           /* sector 0 */
+    u64 magic;
+    u32 version;
+    u32 record_size;
+    u64 log_id;
+};
+
+struct log_record {           /* sector seq; the rest of the sector is zero */
+    u32 magic;
+    u32 sum;
+    u64 log_id;
+    u64 seq;
+    u8 klen, vlen, pad[6];
+    char key[KV_KEY_MAX];
+    char val[KV_VAL_MAX];
+};
+
+typedef u32 __attribute__((may_alias)) word;
+
+static u8 log_io[LOG_BATCH * DISK_SECTOR_SIZE] __attribute__((aligned(64)));
+static u64 log_sectors;       /* 0: no disk, the table lives in RAM only */
+static u64 log_id;            /* this log's id (its header) */
+static u64 log_head;          /* sequence number of the last record written and flushed */
+static u32 log_gen;           /* the disk's restore generation last seen */
+
+#define HDR ((struct log_header *)log_io)
+#define REC(i) ((struct log_record *)(log_io + (i) * DISK_SECTOR_SIZE))
+
+static u32 rec_sum(const struct log_record *r)
+{
+    const word *w = (const word *)&r->log_id;
+    u32 h = 2166136261u;
+    for (int i = 0; i < REC_SUM_WORDS; i++)
+        h = (h ^ w[i]) * 16777619u;
+    return h;
+}
+
+static int rec_ok(const struct log_record *r, u64 seq)
+{
+    return r->magic == REC_MAGIC && r->log_id == log_id && r->seq == seq && r->klen &&
+           r->klen <= KV_KEY_MAX && r->vlen && r->vlen <= KV_VAL_MAX && r->sum == rec_sum(r);
+}
+
+static int header_ok(void)
+{
+    return HDR->magic == LOG_MAGIC && HDR->version == LOG_VERSION &&
+           HDR->record_size == DISK_SECTOR_SIZE;
+}
+
+static void zero(void *p, u32 n)
+{
+    u8 *d = p;
+    while (n--)
+        *d++ = 0;
+}
+
+static struct entry *kv_put(const char *k, u32 klen, const char *v, u32 vlen)
+{
+    struct entry *e = lookup(k, klen, 1);
+    if (e) {
+        copy(e->val, v, vlen);
+        e->vlen = (u8)vlen;
+    }
+    return e;
+}
+
+/* How many records of this log follow each other from sequence 1 on the disk (with
+ * apply, loaded into the table); ~0 if the disk could not be read. */
+static u64 log_scan(int apply)
+{
+    u64 seq = 1;
+    while (seq < log_sectors) {
+        u64 n = log_sectors - seq < LOG_BATCH ? log_sectors - seq : LOG_BATCH;
+        if (disk_read(seq, (u32)n, log_io))
+            return ~0UL;
+        for (u64 i = 0; i < n; i++, seq++) {
+            struct log_record *r = REC(i);
+            if (!rec_ok(r, seq))
+                return seq - 1;
+            if (apply)
+                kv_put(r->key, r->klen, r->val, r->vlen);
+        }
+    }
+    return seq - 1;
+}
+
+static void disk_failed(u32 status)
+{
+    say(put_u64(put_str(kv_line, "kv: disk error "), status));
+    outl(PORT_EXIT, 5);
+    for (;;)
+        hlt();
+}
+
+/* Open the log: replay it, or write a new one (header, empty sector 1) on a disk that
+ * holds none. */
+static void log_open(void)
+{
+    u32 st;
+    u64 n = 0;
+    log_gen = disk_generation();
+    if ((st = disk_read(0, 1, log_io)))
+        disk_failed(st);
+    if (header_ok()) {
+        log_id = HDR->log_id;
+        n = log_scan(1);
+        if (n == ~0UL)
+            disk_failed(DISK_E_IO);
+    } else {
+        u64 lo = inl(PORT_CLOCK_LO), hi = inl(PORT_CLOCK_HI);
+        log_id = ((hi << 32 | lo) * 0x9E3779B97F4A7C15UL) ^ BI->seed;
+        zero(log_io, 2 * DISK_SECTOR_SIZE);
+        HDR->magic = LOG_MAGIC;
+        HDR->version = LOG_VERSION;
+        HDR->record_size = DISK_SECTOR_SIZE;
+        HDR->log_id = log_id;
+        if ((st = disk_write(0, 2, log_io)) || (st = disk_flush()))
+            disk_failed(st);
+    }
+    log_head = n;
+    say(put_str(put_u64(put_str(kv_line, "kv loaded "), n), " records"));
+}
+
+/* Append SET key value as record log_head + 1; written and flushed when it returns 0. */
+static u32 log_append(const char *k, u32 klen, const char *v, u32 vlen)
+{
+    struct log_record *r = REC(0);
+    u32 st;
+    zero(r, DISK_SECTOR_SIZE);
+    r->magic = REC_MAGIC;
+    r->log_id = log_id;
+    r->seq = log_head + 1;
+    r->klen = (u8)klen;
+    r->vlen = (u8)vlen;
+    copy(r->key, k, klen);
+    copy(r->val, v, vlen);
+    r->sum = rec_sum(r);
+    if ((st = disk_write(r->seq, 1, r)) || (st = disk_flush()))
+        return st;
+    log_head++;
+    return 0;
+}
+
+/* Whether sector seq holds this log's header (0) or its record seq; -1: unreadable. */
+static int log_has(u64 seq)
+{
+    if (seq >= log_sectors)
+        return 0;
+    if (disk_read(seq, 1, log_io))
+        return -1;
+    return seq ? rec_ok(REC(0), seq) : header_ok() && HDR->log_id == log_id;
+}
+
+/* After a restore: does the disk's log end where memory says it does? */
+static void log_check(void)
+{
+    char *p;
+    int head = log_has(0), last = log_head ? log_has(log_head) : head;
+    int next = log_has(log_head + 1);
+    u64 disk = 0;
+    if (head < 0 || last < 0 || next < 0)
+        goto unreadable;
+    if (head && last && !next) {
+        say(put_u64(put_str(kv_line, "kv disk consistent at seq "), log_head));
+        return;
+    }
+    if (head && (disk = log_scan(0)) == ~0UL)
+        goto unreadable;
+    p = put_u64(put_str(kv_line, "kv disk MISMATCH memory seq "), log_head);
+    say(put_u64(put_str(p, " disk seq "), disk));
+    return;
+unreadable:
+    p = put_u64(put_str(kv_line, "kv disk MISMATCH memory seq "), log_head);
+    say(put_str(p, " disk unreadable"));
+}
+
 /* Answer the request req[0..n) into out; returns the reply's length (< 128). */
 static u32 kv_request(const char *req, u32 n, char *out)
 {
@@ -149,13 +345,22 @@ static u32 kv_request(const char *req, u32 n, char *out)
             err = "ERR value too long";
             goto fail;
         }
-        struct entry *e = lookup(key, klen, 1);
-        if (!e) {
+        struct entry *e = lookup(key, klen, 0);
+        if (!e && kv_count >= KV_SLOTS) {
             err = "ERR table full";
             goto fail;
         }
-        copy(e->val, val, vlen);
-        e->vlen = (u8)vlen;
+        if (log_sectors) {
+            if (log_head + 1 >= log_sectors) {
+                err = "ERR disk full";
+                goto fail;
+            }
+            if (log_append(key, klen, val, vlen)) {
+                err = "ERR disk error";
+                goto fail;
+            }
+        }
+        kv_put(key, klen, val, vlen);
         p = put_str(p, "OK ");
         copy(p, key, klen);
         return (u32)(p - out) + klen;
@@ -313,6 +518,9 @@ void run_kv(void)
         my_ip[i] = (u8)(BI->ip >> (8 * i)); /* network order in memory */
     rx = (u8 *)(buf + NET_RX_OFFSET);
     tx = (u8 *)(buf + NET_TX_OFFSET);
+    log_sectors = disk_sectors();
+    if (log_sectors)
+        log_open();
 
     p = put_str(kv_line, "kv ready ip=");
     for (int i = 0; i < 4; i++) {
@@ -322,6 +530,13 @@ void run_kv(void)
     outl(PORT_CONSOLE, (u32)(u64)kv_line);
 
     for (;;) {
+        if (log_sectors) {
+            u32 gen = disk_generation();
+            if (gen != log_gen) {
+                log_gen = gen;
+                log_check();
+            }
+        }
         u32 len = inl(PORT_NIC_RX);
         if (!len) {
             outl(PORT_IDLE, IDLE_US);
