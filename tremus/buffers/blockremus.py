@@ -105,6 +105,8 @@ class BlockRemusDevice:
     name = "blockremus"
     #: Flushed, unanswered epochs; far below what a fifo holds (64 KiB / 5 bytes).
     max_inflight = 1024
+    #: Disks commit first: network output of an epoch waits for its `done`.
+    commit_stage = 0
 
     def __init__(self, control_path: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
         """Describe the device; nothing is opened before :meth:`setup`.

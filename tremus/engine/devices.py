@@ -38,6 +38,9 @@ class CheckpointDevice(Protocol):
     name: str
     #: How many closed-but-uncommitted epochs the device can hold (plug: 1).
     max_inflight: int
+    # Optional: ``commit_stage`` (int, default 1). Commits run stage by stage, each
+    # stage's devices in parallel: a disk (stage 0) must have said its epoch is
+    # durable on the backup before network output (stage 1) may be released.
 
     async def setup(self) -> None: ...
 
@@ -53,12 +56,19 @@ class CheckpointDevice(Protocol):
     async def teardown(self) -> None: ...
 
 
+def _stage(device: CheckpointDevice) -> int:
+    return int(getattr(device, "commit_stage", 1))
+
+
 @final
 class DeviceRunner:
     """Runs one operation over all devices in parallel (libxl's device runner)."""
 
     def __init__(self, devices: Sequence[CheckpointDevice]) -> None:
         self.devices = tuple(devices)
+        stages = sorted({_stage(d) for d in self.devices})
+        self._commit_stages = [DeviceRunner([d for d in self.devices if _stage(d) == stage])
+                               for stage in stages] if len(stages) > 1 else []
 
     @property
     def max_inflight(self) -> int:
@@ -105,6 +115,8 @@ class DeviceRunner:
         await self._each("preresume", epoch)
 
     async def commit(self, epoch: int) -> int:
+        if self._commit_stages:
+            return sum([await stage.commit(epoch) for stage in self._commit_stages])
         return sum(int(r or 0) for r in await self._each("commit", epoch))  # type: ignore[call-overload]
 
     async def release_all(self) -> None:
