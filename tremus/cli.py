@@ -17,14 +17,17 @@ from contextlib import AsyncExitStack
 import trio
 
 from tremus import transports
+from tremus._diskwiring import BackupDisks, open_disk_replication, sniff
 from tremus._groups import collapse_groups
 from tremus._output import EventPrinter
 from tremus._wiring import NETBUF_KINDS, NetbufError, open_netbuf
+from tremus.buffers.blockremus import BlockRemusDevice
+from tremus.buffers.diskrep import DiskReplicationError
 from tremus.domains.base import Domain, DomainError
 from tremus.domains.registry import create_domain
 from tremus.engine.backup import BackupOutcome, BackupSession, Fence, FencingFailed
 from tremus.engine.config import ConfigError, ProtectionConfig
-from tremus.engine.devices import DeviceError
+from tremus.engine.devices import CheckpointDevice, DeviceError
 from tremus.engine.events import BackupReady, Console, DomainStarted, DomainStopped, EventHub
 from tremus.engine.ownership import Ownership
 from tremus.engine.primary import BackupLostError, PrimarySession
@@ -54,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a domain unprotected")
     run.add_argument("--domain", required=True, metavar="SPEC",
                      help="e.g. microvm:workload=counter,memory=16M")
+    _disk_option(run)
     run.add_argument("--duration", type=_duration, metavar="S", help="stop after S seconds")
     run.add_argument("--json", action="store_true", help="one JSON object per line")
     run.set_defaults(handler=cmd_run)
@@ -74,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "after losing this backup the primary holds its output this "
                              "much longer")
     _arbiter_options(backup)
+    backup.add_argument("--state-dir", default="/var/lib/tremus", metavar="DIR",
+                        help="where the replicas of protected disks are kept "
+                             "(default /var/lib/tremus)")
     _tls_options(backup, "this backup's certificate (required to listen on tls://)",
                  "CA the primary's certificate must be signed by (mutual TLS)")
     backup.add_argument("--metrics", metavar="HOST:PORT",
@@ -104,7 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="NFQUEUE number for --netbuf nfqueue (default 0)")
     protect.add_argument("--unsafe", action="store_true",
                          help="allow --netbuf none for a domain with a NIC (output is not held)")
-    protect.add_argument("--max-inflight", type=int, default=4, metavar="N")
+    protect.add_argument("--max-inflight", type=int, default=4, metavar="N",
+                         help="checkpoints sent but not yet acknowledged (default 4)")
+    _disk_option(protect)
+    protect.add_argument("--no-disk-replication", action="store_true",
+                         help="do not replicate the disk (xl remus -d: it is replicated by "
+                              "other means); needs --unsafe")
+    protect.add_argument("--disk-fifo", metavar="PATH",
+                         help="drive an external block-remus-compatible disk through its "
+                              "control fifo PATH (and PATH.msg)")
+    protect.add_argument("--run-dir", metavar="DIR",
+                         help="where the disk's block-remus fifos are made (default /run/tremus)")
     protect.add_argument("--reprotect", type=float, nargs="?", const=2.0, metavar="S",
                          help="when the backup is lost, try every S seconds (default 2) to "
                               "protect again, to it or its replacement at the same address")
@@ -125,6 +142,37 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--json", action="store_true", help="one JSON object per line")
     protect.set_defaults(handler=cmd_protect)
     return parser
+
+
+def _disk_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--disk", metavar="SPEC",
+                        help="the domain's disk in xl's syntax: PATH, "
+                             "target=PATH,format=raw,access=rw, or Remus's "
+                             "tap:remus:HOST:PORT|aio:PATH (raw images only)")
+
+
+def _with_disk(args: argparse.Namespace) -> tuple[str, tuple[str, int] | None]:
+    """The domain spec with ``--disk`` folded in, and where the disk replicates to."""
+    if not getattr(args, "disk", None):
+        return args.domain, None
+    from tremus.domains.diskspec import DiskSpecError, check_supported, parse_disk_spec
+
+    try:
+        try:
+            parsed = parse_disk_spec(args.disk)
+        except DiskSpecError as exc:
+            if "no vdev" not in str(exc):
+                raise
+            # The micro-VM has one disk: its virtual device name may be left out.
+            parsed = parse_disk_spec(f"vdev=xvda,{args.disk}")
+        disk = check_supported(parsed)
+    except DiskSpecError as exc:
+        raise UsageError(f"--disk: {exc}") from None
+    if "disk=" in args.domain:
+        raise UsageError("give the disk once: --disk, or disk= in the domain SPEC")
+    if disk.read_only:
+        raise UsageError("--disk: read-only disks are not supported yet (access=ro)")
+    return f"{args.domain},disk={disk.path}", disk.remus
 
 
 def _arbiter_options(parser: argparse.ArgumentParser) -> None:
@@ -244,16 +292,38 @@ async def cmd_backup(args: argparse.Namespace) -> int:
         listener = await transports.listen(url, ssl_context=_ssl_context(args, url, server=True))
     except transports.InvalidURL as exc:
         raise UsageError(str(exc)) from None
-    async with trio.open_nursery() as nursery:
+    disks = BackupDisks(args.state_dir, hub, secret=config.auth_secret,
+                        timeout=config.heartbeat_timeout_ms / 1000 * 10)
+    async with trio.open_nursery() as nursery, listener:
         await _start_metrics(nursery, args, hub, "backup")
-        async with listener:
-            hub.emit(BackupReady(listen=listener.url))
-            stream = await listener.accept()
-        session = BackupSession(stream, config=config, hub=hub,
+        hub.emit(BackupReady(listen=listener.url))
+        memory: list[trio.abc.Stream] = []
+        connected = trio.Event()
+
+        async def sort(stream: trio.abc.Stream) -> None:
+            # Disk streams (one per protected disk) come beside the memory stream.
+            is_disk, prefix, stream = await sniff(stream)
+            if is_disk:
+                await disks.serve(stream, prefix)
+            elif not memory:
+                memory.append(stream)
+                connected.set()
+            else:
+                await stream.aclose()  # one primary at a time
+
+        async def accept() -> None:
+            while True:
+                nursery.start_soon(sort, await listener.accept())
+
+        nursery.start_soon(accept)
+        await connected.wait()
+        session = BackupSession(memory[0], config=config, hub=hub,
                                 console=lambda line: hub.emit(Console(line=line, host=host)),
                                 fence=command_fence(args.fence, args.fence_timeout)
                                 if args.fence else None, fence_timeout=args.fence_timeout,
-                                ownership_for=_ownership_for(args))
+                                ownership_for=_ownership_for(args),
+                                apply_gate=disks.apply_gate,
+                                prepare_failover=disks.prepare_failover)
         outcome = await session.run()
         nursery.cancel_scope.cancel()
     return 0 if outcome is not BackupOutcome.REFUSED else 1
@@ -291,15 +361,19 @@ async def cmd_protect(args: argparse.Namespace) -> int:
         args, interval_ms=args.interval, codec="raw" if args.no_compression else "delta",
         verify=args.verify, max_inflight=args.max_inflight)
     _check_arbiter(args)
+    if args.no_disk_replication and not args.unsafe:
+        raise UsageError("--no-disk-replication leaves the backup without the guest's disk "
+                         "writes; add --unsafe if it is replicated by other means")
     hub = EventHub()
     hub.add_callback(EventPrinter(args.json))
     host = socket.gethostname()
-    domain = create_domain(args.domain, console=lambda line: hub.emit(Console(line=line, host=host)))
+    spec, args.disk_target = _with_disk(args)
+    domain = create_domain(spec, console=lambda line: hub.emit(Console(line=line, host=host)))
     stream = await _connect_backup(args)
     halted = ""
     async with trio.open_nursery() as nursery:
         await _start_metrics(nursery, args, hub, "primary")
-        hub.emit(DomainStarted(domain=args.domain, ram_bytes=domain.geometry.ram_size, host=host))
+        hub.emit(DomainStarted(domain=spec, ram_bytes=domain.geometry.ram_size, host=host))
         await nursery.start(domain.run)
         done = trio.Event()
         reason = "duration elapsed"
@@ -362,6 +436,7 @@ async def _protect_once(args: argparse.Namespace, domain: Domain,
                                         queue_num=args.nfqueue_num)
         except NetbufError as exc:
             raise UsageError(str(exc)) from None
+        devices = [*await _disk_devices(args, domain, stack, config), *devices]
         session = PrimarySession(
             domain, stream, config=config, hub=hub, devices=devices,
             backup_name="blackhole" if args.blackhole else args.backup,
@@ -391,13 +466,44 @@ async def _protect_once(args: argparse.Namespace, domain: Domain,
     return session
 
 
+async def _disk_devices(args: argparse.Namespace, domain: Domain, stack: AsyncExitStack,
+                        config: ProtectionConfig) -> list[CheckpointDevice]:
+    """The block-remus device of this session's disk (and what serves its fifo)."""
+    timeout = config.heartbeat_timeout_ms / 1000 * 10
+    if args.disk_fifo:
+        return [BlockRemusDevice(args.disk_fifo, timeout=timeout)]
+    if args.blackhole or args.no_disk_replication or getattr(domain, "disk", None) is None:
+        return []
+    address = args.disk_target or _host_port(args.backup)
+    url = _url(args.backup) if args.disk_target is None else f"tcp://{address[0]}:{address[1]}"
+    if args.disk_target is not None and args.backup.startswith("tls://"):
+        url = f"tls://{address[0]}:{address[1]}"
+
+    async def connect() -> trio.abc.Stream:
+        return await transports.connect(url, ssl_context=_ssl_context(args, url, server=False))
+
+    try:
+        return await open_disk_replication(
+            domain, stack, connect=connect, target=address,
+            name=f"{_arbiter_key(args, domain)}-disk0", secret=config.auth_secret,
+            run_dir=args.run_dir, timeout=timeout)
+    except (OSError, DiskReplicationError) as exc:
+        raise UsageError(f"disk replication to {url}: {exc}") from None
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    parsed = transports.parse_url(_url(address))
+    return parsed.host or "localhost", parsed.port or 0
+
+
 async def cmd_run(args: argparse.Namespace) -> int:
     hub = EventHub()
     hub.add_callback(EventPrinter(args.json))
     host = socket.gethostname()
-    domain = create_domain(args.domain, console=lambda line: hub.emit(Console(line=line, host=host)))
+    spec, _ = _with_disk(args)
+    domain = create_domain(spec, console=lambda line: hub.emit(Console(line=line, host=host)))
     async with trio.open_nursery() as nursery:
-        hub.emit(DomainStarted(domain=args.domain, ram_bytes=domain.geometry.ram_size, host=host))
+        hub.emit(DomainStarted(domain=spec, ram_bytes=domain.geometry.ram_size, host=host))
         await nursery.start(domain.run)
         reason = await _until_done(args.duration)
         domain.stop()

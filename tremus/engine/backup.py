@@ -18,8 +18,8 @@ import mmap
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
-from typing import final
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, final
 
 import trio
 
@@ -76,6 +76,14 @@ Fence = Callable[[str], Awaitable[None]]
 #: ``ownership_for(key)``: this backup's handle on the arbiter's record of guest ``key``.
 OwnershipFactory = Callable[[str], Ownership]
 
+#: ``await apply_gate(epoch)``: returns once checkpoint ``epoch`` may be applied (what
+#: else belongs to it, e.g. a disk epoch, is held here); raises PrimaryFailed if never.
+ApplyGate = Callable[[int], Awaitable[None]]
+
+#: ``prepare_failover(epoch, config)``: make this host's resources (disk replicas) match
+#: checkpoint ``epoch``; returns the domain configuration to rebuild it with here.
+PrepareFailover = Callable[[int, Mapping[str, Any]], Mapping[str, Any]]
+
 
 class PrimaryFailed(Exception):
     """The primary is gone (or broke the protocol); the message says how."""
@@ -112,6 +120,9 @@ class BackupSession:
         ownership_for: the arbiter (``--arbiter``): with it, the backup fails over only
             after it took the guest's ownership over, and only a primary that uses
             the same arbiter is accepted.
+        apply_gate: awaited before each checkpoint is applied (a replicated disk
+            holds memory checkpoint N until disk epoch N is durable here).
+        prepare_failover: called before the domain is rebuilt here.
     """
 
     def __init__(
@@ -125,6 +136,8 @@ class BackupSession:
         fence: Fence | None = None,
         fence_timeout: float = 0.0,
         ownership_for: OwnershipFactory | None = None,
+        apply_gate: ApplyGate | None = None,
+        prepare_failover: PrepareFailover | None = None,
     ) -> None:
         self.config = config or ProtectionConfig()
         self.events = hub or EventHub()
@@ -134,6 +147,8 @@ class BackupSession:
         self._fence_timeout = fence_timeout if fence is not None else 0.0
         self._ownership_for = ownership_for
         self._ownership: Ownership | None = None
+        self._apply_gate = apply_gate
+        self._prepare_failover = prepare_failover
         self._conn = p.BackupConnection(secret=self.config.auth_secret)
         timeout = self.config.heartbeat_timeout_ms / 1000
         self._link = Link(self._conn, stream, PrimaryFailed, "primary",
@@ -285,6 +300,8 @@ class BackupSession:
 
     async def _apply(self, checkpoint: p.CompleteCheckpoint) -> None:
         assert self._replica is not None and self._hello is not None
+        if self._apply_gate is not None:
+            await self._apply_gate(checkpoint.epoch)
         started = time.perf_counter()
         page_size = self._hello.page_size
         for pfns, data in checkpoint.batches:
@@ -373,7 +390,18 @@ class BackupSession:
                 task_status.started(BackupOutcome.REFUSED)
                 return BackupOutcome.REFUSED
         self.events.emit(FailoverStarted(epoch=epoch, reason=reason))
-        domain = restore_domain(self._hello.driver, self._hello.config,
+        config = self._hello.config
+        if self._prepare_failover is not None:
+            try:
+                config = self._prepare_failover(epoch, config)
+            except Exception as exc:  # noqa: BLE001 - a refusal that names the cause
+                refused = FailoverRefused(reason=f"{reason}; this host cannot run checkpoint "
+                                                 f"{epoch}: {exc}")
+                self.events.emit(refused)
+                self.failover.fail(exc)
+                task_status.started(BackupOutcome.REFUSED)
+                return BackupOutcome.REFUSED
+        domain = restore_domain(self._hello.driver, config,
                                 memoryview(self._replica), self._state, console=self._console)
         self.domain = domain
         async with trio.open_nursery() as nursery:
@@ -385,7 +413,8 @@ class BackupSession:
                 announce()  # tell the network where the guest is now (gratuitous ARP)
             downtime_ms = (trio.current_time() - self._link.last_received) * 1000
             complete = FailoverComplete(epoch=epoch, downtime_ms=round(downtime_ms, 1),
-                                        host=self.host)
+                                        host=self.host,
+                                        disks=tuple(getattr(domain, "disk_paths", ())))
             self.events.emit(complete)
             self.failover.complete(complete)
             task_status.started(BackupOutcome.FAILED_OVER)

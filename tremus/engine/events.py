@@ -20,7 +20,8 @@ import trio
 
 __all__ = [
     "BackupLost", "BackupReady", "CheckpointAcked", "CheckpointApplied", "CheckpointSent",
-    "Console", "DeviceFailed", "DomainStarted", "DomainStopped", "Event", "EventHub",
+    "Console", "DeviceFailed", "DiskEpochDurable", "DomainStarted", "DomainStopped", "Event",
+    "EventHub",
     "FailoverComplete", "FailoverRefused", "FailoverStarted", "Operation", "OperationComplete",
     "OutputReleased", "OwnershipLost", "OwnershipRefused", "OwnershipTaken",
     "PrimaryConnected", "ProtectionStarted", "ProtectionStopped", "Subscription",
@@ -124,6 +125,17 @@ class BackupLost(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class DiskEpochDurable(Event):
+    """Disk epoch N's writes are written and fdatasync'd on the backup (``done`` N)."""
+
+    name: ClassVar[str] = "disk_epoch_durable"
+    epoch: int
+    writes: int
+    bytes: int
+    durable_us: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class OwnershipTaken(Event):
     """This side now owns the guest in the arbiter (a lease of its own)."""
 
@@ -201,6 +213,8 @@ class FailoverComplete(Event):
     epoch: int
     downtime_ms: float
     host: str
+    #: The disk images the guest now runs on (replicas on this host).
+    disks: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -82,6 +82,9 @@ class MicroVM:
         kvm_path = kvm_path or os.environ.get("TREMUS_KVM_DEVICE", "/dev/kvm")
         self._native = _require_native()
         self._nursery: trio.Nursery | None = None
+        #: Completed suspends: a disk write made while it reads N belongs to the
+        #: epoch that suspend N + 1 closes (replication tags writes with it).
+        self.suspends = 0
         self._config = config
         self._geometry = Geometry(config.memory, abi.PAGE_SIZE)
         self._console_sink = console
@@ -369,6 +372,8 @@ class MicroVM:
         if not self._running:
             raise DomainError("the micro-VM stopped while being suspended")
         self.kick_latency_ns = self.stopped_at_ns - requested
+        # Parked: every disk write so far happened before this suspend.
+        self.suspends += 1
 
     async def resume(self) -> None:
         with self._cond:
@@ -406,6 +411,11 @@ class MicroVM:
         with self._cond:  # not while _close_kvm closes the descriptor
             if not self._closed:
                 os.eventfd_write(self._event_fd, 1)
+
+    @property
+    def disk_paths(self) -> tuple[str, ...]:
+        """The images this machine runs on."""
+        return () if self.disk is None else (self.disk.path,)
 
     def announce(self) -> bool:
         """Announce the guest's IP and MAC on its TAP (gratuitous ARP), now and then

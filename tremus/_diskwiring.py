@@ -1,0 +1,154 @@
+"""The disk half of output commit, wired for the command line.
+
+On the primary: a domain with a disk gets, per protection session, a disk stream to
+the backup (``DiskSender``), block-remus's fifo pair served for it
+(``BlockRemusFifo``), and the engine's ``BlockRemusDevice`` driving that fifo — the
+engine sees only the device. ``--disk-fifo`` drives an external block-remus disk
+through the same device instead. On the backup: disk streams are told from memory
+streams by their first bytes and served by a ``DiskReceiver``, which gates the
+application of memory checkpoints and prepares the replica image at failover.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Mapping
+from contextlib import AsyncExitStack
+from typing import Any
+
+import trio
+
+from tremus.buffers import _diskrep_proto as proto
+from tremus.buffers.blockremus import BlockRemusDevice, fifo_paths
+from tremus.buffers.blockremus_server import BlockRemusFifo
+from tremus.buffers.diskrep import DiskReceiver, DiskReplicationError, DiskSender
+from tremus.engine.backup import PrimaryFailed
+from tremus.engine.devices import CheckpointDevice
+from tremus.engine.events import CheckpointApplied, DiskEpochDurable, Event, EventHub
+
+__all__ = ["BackupDisks", "open_disk_replication", "sniff"]
+
+
+async def open_disk_replication(
+    domain: Any, stack: AsyncExitStack, *, connect: Callable[[], Any], target: tuple[str, int],
+    name: str, secret: bytes | None, run_dir: str | None, timeout: float,
+) -> list[CheckpointDevice]:
+    """Replicate ``domain``'s disk to the backup for one protection session.
+
+    Returns once the backup's replica equals the image (the initial synchronisation)
+    and the fifo pair is served: the device returned drives it. Everything stops
+    when ``stack`` closes.
+    """
+    disk = getattr(domain, "disk", None)
+    if disk is None:
+        return []
+    stream = await connect()
+    base = domain.suspends
+    sender = DiskSender(disk, lambda: domain.suspends - base, stream, name=name,
+                        secret=secret, timeout=timeout)
+    nursery = await stack.enter_async_context(trio.open_nursery())
+    stack.callback(nursery.cancel_scope.cancel)
+    await nursery.start(sender.run)
+    host, port = target
+    fifo = BlockRemusFifo(run_dir, host, port, sender.flush, answer_timeout=timeout)
+    await nursery.start(fifo.run)
+    control, _ = fifo_paths(fifo.run_dir, host, port)
+    return [BlockRemusDevice(control, timeout=timeout)]
+
+
+async def sniff(stream: trio.abc.Stream, timeout: float = 10.0
+                ) -> tuple[bool, bytes, trio.abc.Stream]:
+    """Is ``stream`` a disk stream? Returns (is_disk, bytes already read, stream).
+
+    A plain socket is peeked at (nothing consumed, the memory stream keeps its fast
+    receive path); other streams (TLS) hand back what they read first.
+    """
+    wanted = len(proto.MAGIC)
+    with trio.move_on_after(timeout):
+        if isinstance(stream, trio.SocketStream):
+            while True:
+                head = await stream.socket.recv(wanted, socket.MSG_PEEK)
+                if len(head) >= wanted or not head or not proto.MAGIC.startswith(head):
+                    return head[:wanted] == proto.MAGIC, b"", stream
+                await trio.sleep(0.01)
+        head = b""
+        while len(head) < wanted:
+            data = await stream.receive_some(wanted - len(head))
+            if not data:
+                break
+            head += data
+            if not proto.MAGIC.startswith(head):
+                break
+        if head == proto.MAGIC:
+            return True, head, stream
+        return False, b"", _Prefixed(stream, head)
+    return False, b"", stream
+
+
+class _Prefixed(trio.abc.Stream):
+    """A stream whose first bytes were already read (to tell its kind)."""
+
+    def __init__(self, inner: trio.abc.Stream, prefix: bytes) -> None:
+        self._inner = inner
+        self._prefix = prefix
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._prefix:
+            data, self._prefix = self._prefix, b""
+            return data
+        return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
+class BackupDisks:
+    """The backup's disk replicas: one receiver per disk stream, the latest serving."""
+
+    def __init__(self, state_dir: str, hub: EventHub, *, secret: bytes | None,
+                 timeout: float) -> None:
+        self._state_dir = state_dir
+        self._hub = hub
+        self._secret = secret
+        self._timeout = timeout
+        self.receiver: DiskReceiver | None = None
+        hub.add_callback(self._on_event)
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, CheckpointApplied) and self.receiver is not None:
+            self.receiver.memory_applied(event.epoch)
+
+    async def serve(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        def durable(epoch: int, writes: int, nbytes: int, durable_us: float) -> None:
+            self._hub.emit(DiskEpochDurable(epoch=epoch, writes=writes, bytes=nbytes,
+                                            durable_us=round(durable_us, 1)))
+
+        receiver = DiskReceiver(self._state_dir, secret=self._secret, on_durable=durable)
+        self.receiver = receiver
+        try:
+            await receiver.serve(stream, prefix)
+        finally:
+            if self.receiver is not receiver:
+                receiver.close()
+
+    async def apply_gate(self, epoch: int) -> None:
+        """Memory checkpoint ``epoch`` waits for disk epoch ``epoch`` to be durable."""
+        receiver = self.receiver
+        if receiver is None:
+            return  # no replicated disk (none, or replicated by other means)
+        try:
+            await receiver.wait_durable(epoch, self._timeout)
+        except DiskReplicationError as exc:
+            raise PrimaryFailed(str(exc)) from exc
+
+    def prepare_failover(self, epoch: int, config: Mapping[str, Any]) -> Mapping[str, Any]:
+        receiver = self.receiver
+        if receiver is None or not config.get("disk"):
+            return config
+        return {**config, "disk": receiver.fail_over(epoch)}
