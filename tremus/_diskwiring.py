@@ -11,6 +11,7 @@ application of memory checkpoints and prepares the replica image at failover.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
@@ -27,6 +28,9 @@ from tremus.engine.devices import CheckpointDevice
 from tremus.engine.events import CheckpointApplied, DiskEpochDurable, Event, EventHub
 
 __all__ = ["BackupDisks", "open_disk_replication", "sniff"]
+
+#: Fault injection for tests: seconds between disk epoch N durable and memory N applied.
+_APPLY_DELAY = float(os.environ.get("TREMUS_INJECT_APPLY_DELAY_MS", "0")) / 1000
 
 
 async def open_disk_replication(
@@ -146,6 +150,8 @@ class BackupDisks:
             await receiver.wait_durable(epoch, self._timeout)
         except DiskReplicationError as exc:
             raise PrimaryFailed(str(exc)) from exc
+        if _APPLY_DELAY:
+            await trio.sleep(_APPLY_DELAY)  # fault injection: disk durable, memory not yet
 
     def prepare_failover(self, epoch: int, config: Mapping[str, Any]) -> Mapping[str, Any]:
         receiver = self.receiver

@@ -44,6 +44,8 @@ __all__ = ["DiskReceiver", "DiskReplicationError", "DiskSender", "DiskSource"]
 CHUNK = 1 << 20
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _LOG_RECORD = struct.Struct("<QQI")  # epoch, offset, length; then the data
+#: Fault injection for tests: seconds a disk epoch takes to become durable here.
+_SLOW_DISK = float(os.environ.get("TREMUS_INJECT_DISK_DELAY_MS", "0")) / 1000
 
 
 class DiskReplicationError(Exception):
@@ -373,6 +375,8 @@ class DiskReceiver:
 
     async def _make_durable(self, end: d.EpochEnd) -> None:
         started = time.perf_counter()
+        if _SLOW_DISK:
+            await trio.sleep(_SLOW_DISK)  # fault injection: a slow disk on the backup
         await trio.to_thread.run_sync(os.fdatasync, self._log_fd)
         self._pending.setdefault(end.epoch, _Pending()).durable = True
         self._durable_through = end.epoch
