@@ -7,6 +7,7 @@ otherwise, and in network namespaces for the nfqueue buffer.
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import trio
 from tests._microvm_util import needs_kvm
 from tests.test_failover import counters, start_pair
 from tremus import transports
+from tremus.buffers.blockremus import fifo_paths
 from tremus.domains.registry import create_domain
 from tremus.engine.backup import BackupOutcome, BackupSession
 from tremus.engine.config import ProtectionConfig
@@ -270,3 +272,48 @@ async def test_with_an_arbiter_a_stale_backup_is_refused_ownership() -> None:
         assert not backup.of("failover_complete")
         assert primary.process.returncode is None
         primary.kill()
+
+
+@pytest.mark.parametrize("answer", ["fail", "garbage"])
+async def test_an_external_disk_that_fails_stops_protection_loudly(tmp_path, answer) -> None:
+    """``--disk-fifo``: a block-remus-compatible disk (a test double of the external
+    peer) answers ``done`` a few times, then ``fail`` or garbage: ``device_failed``,
+    END to the backup (no failover), and the guest runs on."""
+    control, msg = fifo_paths(tmp_path, "backup", 9)
+    os.mkfifo(control)
+    os.mkfifo(msg)
+    flushes = 0
+
+    # The peer holds both fifos open (read-write: no EOF before the engine comes).
+    requests = trio.lowlevel.FdStream(os.open(control, os.O_RDWR | os.O_NONBLOCK))
+    answers = trio.lowlevel.FdStream(os.open(msg, os.O_RDWR | os.O_NONBLOCK))
+
+    async def peer() -> None:
+        nonlocal flushes
+        async with requests, answers:
+            pending = b""
+            while True:
+                pending += await requests.receive_some(5)
+                while len(pending) >= 5:
+                    assert pending[:5] == b"flush", pending
+                    pending = pending[5:]
+                    flushes += 1
+                    if flushes <= 5:
+                        await answers.send_all(b"done")
+                    else:
+                        await answers.send_all(b"fail" if answer == "fail" else b"dOne")
+                        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer)
+        backup, primary = await start_pair(nursery, primary_args=("--disk-fifo", control))
+        failed = await primary.wait_for(lambda p: p.of("device_failed"), what="device_failed")
+        assert failed[0]["device"] == "blockremus"
+        assert len(primary.of("checkpoint_acked")) >= 5
+        await backup.exited.wait()
+        assert not backup.of("failover_started")
+        at = len(primary.events)
+        await primary.wait_for(lambda p: len(counters(p.events[at:])) >= 3, what="guest runs on")
+        assert primary.process.returncode is None
+        primary.kill()
+        nursery.cancel_scope.cancel()

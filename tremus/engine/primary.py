@@ -330,8 +330,9 @@ class PrimarySession:
                                               message=str(error.cause)))
                 with trio.CancelScope(shield=True):
                     await self._say_end(f"primary device failure: {error}")
-                await self._backup_lost(BackupLostError(f"protection stopped: {error}",
-                                                        ended=True))
+                # END may not have arrived (a device often fails with the link): hold
+                # the output for the backup's takeover window all the same.
+                await self._backup_lost(BackupLostError(f"protection stopped: {error}"))
             else:
                 lost = found[0]
                 assert isinstance(lost, BackupLostError)
