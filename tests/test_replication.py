@@ -269,7 +269,10 @@ async def test_device_failure_stops_protection_loudly_and_the_guest_runs_on() ->
         await wait_until(lambda: pair.of(BackupLost))
         failed = pair.of(DeviceFailed)
         assert failed and failed[0].device == "flaky" and "broke" in failed[0].message
-        assert device.released_all
+        # Released only once the backup can no longer take over (END may be lost).
+        lost = pair.of(BackupLost)[0]
+        assert lost.hold_ms > 0 and not device.released_all
+        await wait_until(lambda: device.released_all, timeout=lost.hold_ms / 1000 + 5)
         await pair.backup_done.wait()
         # The backup was told (END): no failover.
         assert pair.outcome is BackupOutcome.ENDED
