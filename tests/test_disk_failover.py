@@ -61,7 +61,7 @@ async def test_every_acknowledged_write_survives_failover_and_a_cold_boot(tmp_pa
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(writer.run)
                 await writer.wait(lambda: len(writer.acked) >= 15, "OKs from the primary")
-                assert backup.of("disk_epoch_durable")
+                assert backup.of("disk_epoch_durable") and backup.of("disk_epoch_applied")
                 primary.kill()
                 complete = await backup.wait_for(lambda b: b.of("failover_complete"),
                                                  timeout=30, what="failover_complete")

@@ -25,7 +25,13 @@ from tremus.buffers.blockremus_server import BlockRemusFifo
 from tremus.buffers.diskrep import DiskReceiver, DiskReplicationError, DiskSender
 from tremus.engine.backup import PrimaryFailed
 from tremus.engine.devices import CheckpointDevice
-from tremus.engine.events import CheckpointApplied, DiskEpochDurable, Event, EventHub
+from tremus.engine.events import (
+    CheckpointApplied,
+    DiskEpochApplied,
+    DiskEpochDurable,
+    Event,
+    EventHub,
+)
 
 __all__ = ["BackupDisks", "open_disk_replication", "sniff"]
 
@@ -133,7 +139,11 @@ class BackupDisks:
             self._hub.emit(DiskEpochDurable(epoch=epoch, writes=writes, bytes=nbytes,
                                             durable_us=round(durable_us, 1)))
 
-        receiver = DiskReceiver(self._state_dir, secret=self._secret, on_durable=durable)
+        def applied(epoch: int, writes: int, nbytes: int) -> None:
+            self._hub.emit(DiskEpochApplied(epoch=epoch, writes=writes, bytes=nbytes))
+
+        receiver = DiskReceiver(self._state_dir, secret=self._secret, on_durable=durable,
+                                on_applied=applied)
         self.receiver = receiver
         try:
             await receiver.serve(stream, prefix)

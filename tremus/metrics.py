@@ -17,11 +17,16 @@ from tremus.engine.events import (
     BackupLost,
     CheckpointAcked,
     CheckpointApplied,
+    DiskEpochApplied,
+    DiskEpochDurable,
     Event,
     EventHub,
     FailoverComplete,
     FailoverRefused,
     OutputReleased,
+    OwnershipLost,
+    OwnershipRefused,
+    OwnershipTaken,
     ProtectionStarted,
     ProtectionStopped,
 )
@@ -47,6 +52,12 @@ class Metrics:
             "tremus_backup_lost_total": 0,
             "tremus_failovers_total": 0,
             "tremus_failovers_refused_total": 0,
+            "tremus_disk_epochs_durable_total": 0,
+            "tremus_disk_bytes_durable_total": 0,
+            "tremus_disk_epochs_applied_total": 0,
+            "tremus_ownership_taken_total": 0,
+            "tremus_ownership_lost_total": 0,
+            "tremus_ownership_refused_total": 0,
         }
         self.gauges: dict[str, float] = {
             "tremus_protected": 0,
@@ -54,6 +65,7 @@ class Metrics:
             "tremus_last_pause_seconds": 0,
             "tremus_last_round_trip_seconds": 0,
             "tremus_last_failover_downtime_seconds": 0,
+            "tremus_last_disk_durable_seconds": 0,
         }
         self._pause_buckets = [0] * (len(PAUSE_BUCKETS) + 1)
         self._pause_sum = 0.0
@@ -90,6 +102,18 @@ class Metrics:
             g["tremus_last_failover_downtime_seconds"] = event.downtime_ms / 1e3
         elif isinstance(event, FailoverRefused):
             c["tremus_failovers_refused_total"] += 1
+        elif isinstance(event, DiskEpochDurable):
+            c["tremus_disk_epochs_durable_total"] += 1
+            c["tremus_disk_bytes_durable_total"] += event.bytes
+            g["tremus_last_disk_durable_seconds"] = event.durable_us / 1e6
+        elif isinstance(event, DiskEpochApplied):
+            c["tremus_disk_epochs_applied_total"] += 1
+        elif isinstance(event, OwnershipTaken):
+            c["tremus_ownership_taken_total"] += 1
+        elif isinstance(event, OwnershipLost):
+            c["tremus_ownership_lost_total"] += 1
+        elif isinstance(event, OwnershipRefused):
+            c["tremus_ownership_refused_total"] += 1
 
     def render(self) -> str:
         """The Prometheus text exposition format."""

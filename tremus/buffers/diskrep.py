@@ -292,7 +292,8 @@ class DiskReceiver:
     """
 
     def __init__(self, state_dir: str | os.PathLike[str], *, secret: bytes | None = None,
-                 on_durable: Callable[[int, int, int, float], None] | None = None) -> None:
+                 on_durable: Callable[[int, int, int, float], None] | None = None,
+                 on_applied: Callable[[int, int, int], None] | None = None) -> None:
         self._dir = Path(state_dir)
         self._conn = d.DiskConnection("backup", secret=secret)
         self._pending: dict[int, _Pending] = {}
@@ -306,6 +307,7 @@ class DiskReceiver:
         self._log_fd = -1
         self._log_pos = 0
         self._on_durable = on_durable
+        self._on_applied = on_applied
         self.ready = trio.Event()
         self._epoch_started = time.perf_counter()
 
@@ -418,15 +420,19 @@ class DiskReceiver:
         return str(self.image)
 
     def _apply_through(self, epoch: int) -> None:
-        applied = False
+        applied: list[tuple[int, int, int]] = []
         for number in sorted(n for n in self._pending if n <= epoch):
             pending = self._pending.pop(number)
             for offset, length, pos in pending.records:
                 os.pwrite(self._image_fd, os.pread(self._log_fd, length, pos), offset)
-            applied = True
+            applied.append((number, len(pending.records),
+                            sum(length for _, length, _ in pending.records)))
             self.applied_through = number
         if applied:
             os.fdatasync(self._image_fd)  # an epoch is applied whole
+            if self._on_applied is not None:
+                for number, writes, nbytes in applied:
+                    self._on_applied(number, writes, nbytes)
 
     def close(self) -> None:
         for fd in (self._image_fd, self._log_fd):

@@ -20,7 +20,7 @@ import trio
 
 __all__ = [
     "BackupLost", "BackupReady", "CheckpointAcked", "CheckpointApplied", "CheckpointSent",
-    "Console", "DeviceFailed", "DiskEpochDurable", "DomainStarted", "DomainStopped", "Event",
+    "Console", "DeviceFailed", "DiskEpochApplied", "DiskEpochDurable", "DomainStarted", "DomainStopped", "Event",
     "EventHub",
     "FailoverComplete", "FailoverRefused", "FailoverStarted", "Operation", "OperationComplete",
     "OutputReleased", "OwnershipLost", "OwnershipRefused", "OwnershipTaken",
@@ -133,6 +133,16 @@ class DiskEpochDurable(Event):
     writes: int
     bytes: int
     durable_us: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiskEpochApplied(Event):
+    """Disk epoch N's writes are in the backup's replica image (with memory N)."""
+
+    name: ClassVar[str] = "disk_epoch_applied"
+    epoch: int
+    writes: int
+    bytes: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
