@@ -35,6 +35,9 @@ BENCHES = [
       "guest_pause_us"}),
     ("compression", ["--smoke"], True,
      {"pattern", "working_set_pages", "raw_bytes", "bytes_sent", "ratio"}),
+    ("disk", ["--smoke"], True,
+     {"mode", "io_size", "interval_ms", "writes_per_s", "mb_per_s", "guest_bound",
+      "ratio_to_unprotected"}),
 ]
 
 
@@ -61,5 +64,11 @@ def test_bench_prints_one_json_object(name: str, args: list[str], needs_kvm: boo
         assert {"one_process", "two_processes"} == {r["topology"] for r in doc["results"]}
         assert {"raw", "delta"} == {r["codec"] for r in doc["results"]}
         assert "stages" in doc
+    if name == "disk":
+        assert {"fdatasync", "sequential_write"} <= set(doc["limit"])
+        replicated = [r for r in doc["results"] if r["mode"] == "replicated"]
+        assert replicated
+        assert {"durable_us", "durable_us_p99", "ratio_to_fdatasync", "round_trip_ms",
+                "commit_delay_ms"} <= set(replicated[0])
     if name == "compression":
         assert {"miss", "delta", "same"} == {r["case"] for r in doc["codec_speed"]}

@@ -12,6 +12,7 @@ resumes memory and disk from the same checkpoint.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -124,3 +125,53 @@ async def test_replies_wait_for_the_disk_of_their_epoch(tmp_path, monkeypatch) -
                 assert got.rtt_ms >= 400, got  # not before the backup's disk said done
                 durable = [e for e in backup.of("disk_epoch_durable") if e["time"] <= got.t1]
                 assert durable, "a reply left before any disk epoch was durable"
+
+
+async def test_a_cut_disk_stream_stops_protection_loudly_and_loses_nothing(
+        tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("TREMUS_INJECT_DISK_CUT_AT", "30")  # the backup drops the disk stream
+    with trio.fail_after(90):
+        async with kv_net() as net:
+            backup, primary, _ = await protect_kv_on_disk(net, tmp_path)
+            writer = Writer(net)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(writer.run)
+                # The backup holds back every checkpoint from then on (its disk epoch
+                # can never be durable): the primary gives it up, loudly.
+                lost = await primary.wait_for(lambda p: p.of("backup_lost"), timeout=60,
+                                              what="backup_lost")
+                assert "acknowledged no checkpoint" in lost[0]["reason"], lost
+                at = lost[0]["time"]
+                # Held output released after the takeover window: the guest runs on.
+                await writer.wait(lambda: writer.oks_after(at) >= 5, "OKs after the failure")
+                writer.stop.set()
+            with trio.move_on_after(10):
+                await backup.exited.wait()
+            assert not backup.of("failover_started")  # the primary said END
+            await read_back(net, writer.acked)
+
+
+async def test_protecting_again_resends_only_what_changed(tmp_path) -> None:
+    with trio.fail_after(90):
+        async with kv_net() as net:
+            state = tmp_path / "state"
+            await net.start_backup("--state-dir", str(state))
+            primary = await net.start_primary("vmm", 50, "--disk", image(tmp_path),
+                                              "--run-dir", str(tmp_path / "run"),
+                                              "--reprotect", "0.5")
+            first = await primary.wait_for(
+                lambda p: [e for e in p.of("disk_sync") if e["complete"]], what="disk sync")
+            assert first[0]["sent_bytes"] == DISK_SIZE  # a new replica: everything
+            for i in range(5):
+                assert (await net.ask(f"SET again{i} v{i}")).reply == f"OK again{i}"
+            net.procs[0].kill()  # the backup
+            await primary.wait_for(lambda p: p.of("backup_lost"), what="backup_lost")
+            # A backup started again on the same state finds its replica: only the
+            # changed chunks are sent.
+            net._ports = itertools.count(net.backup_port)  # the same address again
+            await net.start_backup("--state-dir", str(state))
+            again = await primary.wait_for(
+                lambda p: [e for e in p.of("disk_sync") if e["complete"]][1:],
+                timeout=60, what="a second disk sync")
+            assert again[0]["skipped_bytes"] >= DISK_SIZE // 2, again[0]
+            assert again[0]["sent_bytes"] + again[0]["skipped_bytes"] == DISK_SIZE

@@ -23,12 +23,12 @@ from tremus.buffers import _diskrep_proto as proto
 from tremus.buffers.blockremus import BlockRemusDevice, fifo_paths
 from tremus.buffers.blockremus_server import BlockRemusFifo
 from tremus.buffers.diskrep import DiskReceiver, DiskReplicationError, DiskSender
-from tremus.engine.backup import PrimaryFailed
 from tremus.engine.devices import CheckpointDevice
 from tremus.engine.events import (
     CheckpointApplied,
     DiskEpochApplied,
     DiskEpochDurable,
+    DiskSync,
     Event,
     EventHub,
 )
@@ -41,7 +41,7 @@ _APPLY_DELAY = float(os.environ.get("TREMUS_INJECT_APPLY_DELAY_MS", "0")) / 1000
 
 async def open_disk_replication(
     domain: Any, stack: AsyncExitStack, *, connect: Callable[[], Any], target: tuple[str, int],
-    name: str, secret: bytes | None, run_dir: str | None, timeout: float,
+    name: str, secret: bytes | None, run_dir: str | None, timeout: float, hub: EventHub,
 ) -> list[CheckpointDevice]:
     """Replicate ``domain``'s disk to the backup for one protection session.
 
@@ -54,8 +54,13 @@ async def open_disk_replication(
         return []
     stream = await connect()
     base = domain.suspends
+
+    def progress(done: int, sent: int, skipped: int, complete: bool) -> None:
+        hub.emit(DiskSync(disk=disk.path, done_bytes=done, total_bytes=disk.size,
+                          sent_bytes=sent, skipped_bytes=skipped, complete=complete))
+
     sender = DiskSender(disk, lambda: domain.suspends - base, stream, name=name,
-                        secret=secret, timeout=timeout)
+                        secret=secret, timeout=timeout, on_progress=progress)
     nursery = await stack.enter_async_context(trio.open_nursery())
     stack.callback(nursery.cancel_scope.cancel)
     await nursery.start(sender.run)
@@ -151,17 +156,20 @@ class BackupDisks:
             if self.receiver is not receiver:
                 receiver.close()
 
-    async def apply_gate(self, epoch: int) -> None:
-        """Memory checkpoint ``epoch`` waits for disk epoch ``epoch`` to be durable."""
+    async def apply_gate(self, epoch: int) -> bool:
+        """Memory checkpoint ``epoch`` waits for disk epoch ``epoch`` to be durable; if
+        the disk stream is lost first, it is never applied (the primary, whose disk
+        failed, ends protection, or it died: a failover resumes the previous one)."""
         receiver = self.receiver
         if receiver is None:
-            return  # no replicated disk (none, or replicated by other means)
+            return True  # no replicated disk (none, or replicated by other means)
         try:
             await receiver.wait_durable(epoch, self._timeout)
-        except DiskReplicationError as exc:
-            raise PrimaryFailed(str(exc)) from exc
+        except DiskReplicationError:
+            return False
         if _APPLY_DELAY:
             await trio.sleep(_APPLY_DELAY)  # fault injection: disk durable, memory not yet
+        return True
 
     def prepare_failover(self, epoch: int, config: Mapping[str, Any]) -> Mapping[str, Any]:
         receiver = self.receiver

@@ -436,7 +436,7 @@ async def _protect_once(args: argparse.Namespace, domain: Domain,
                                         queue_num=args.nfqueue_num)
         except NetbufError as exc:
             raise UsageError(str(exc)) from None
-        devices = [*await _disk_devices(args, domain, stack, config), *devices]
+        devices = [*await _disk_devices(args, domain, stack, config, hub), *devices]
         session = PrimarySession(
             domain, stream, config=config, hub=hub, devices=devices,
             backup_name="blackhole" if args.blackhole else args.backup,
@@ -467,7 +467,7 @@ async def _protect_once(args: argparse.Namespace, domain: Domain,
 
 
 async def _disk_devices(args: argparse.Namespace, domain: Domain, stack: AsyncExitStack,
-                        config: ProtectionConfig) -> list[CheckpointDevice]:
+                        config: ProtectionConfig, hub: EventHub) -> list[CheckpointDevice]:
     """The block-remus device of this session's disk (and what serves its fifo)."""
     timeout = config.heartbeat_timeout_ms / 1000 * 10
     if args.disk_fifo:
@@ -486,7 +486,7 @@ async def _disk_devices(args: argparse.Namespace, domain: Domain, stack: AsyncEx
         return await open_disk_replication(
             domain, stack, connect=connect, target=address,
             name=f"{_arbiter_key(args, domain)}-disk0", secret=config.auth_secret,
-            run_dir=args.run_dir, timeout=timeout)
+            run_dir=args.run_dir, timeout=timeout, hub=hub)
     except (OSError, DiskReplicationError) as exc:
         raise UsageError(f"disk replication to {url}: {exc}") from None
 

@@ -42,10 +42,14 @@ __all__ = ["DiskReceiver", "DiskReplicationError", "DiskSender", "DiskSource"]
 
 #: Bytes per chunk of the initial synchronisation (and of the backup's hashes).
 CHUNK = 1 << 20
+#: Bytes of writes gathered into one send.
+_BATCH = 1 << 20
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 _LOG_RECORD = struct.Struct("<QQI")  # epoch, offset, length; then the data
 #: Fault injection for tests: seconds a disk epoch takes to become durable here.
 _SLOW_DISK = float(os.environ.get("TREMUS_INJECT_DISK_DELAY_MS", "0")) / 1000
+#: Fault injection for tests: the backup cuts the disk stream at this epoch's end.
+_CUT_AT = int(os.environ.get("TREMUS_INJECT_DISK_CUT_AT", "-1"))
 
 
 class DiskReplicationError(Exception):
@@ -79,21 +83,26 @@ class DiskSender:
         name: the disk's name on the backup (its replica is ``NAME.img`` there).
         secret: the shared secret of ``--auth-secret-file``, if any.
         timeout: seconds without progress after which the backup is given up.
+        on_progress: ``(done, sent, skipped, complete)`` bytes of the initial
+            synchronisation, about every 5% and at the end.
     """
 
     def __init__(self, source: DiskSource, epoch_of: Callable[[], int],
                  stream: trio.abc.Stream, *, name: str, secret: bytes | None = None,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0,
+                 on_progress: Callable[[int, int, int, bool], None] | None = None) -> None:
         self.source = source
         self._epoch_of = epoch_of
         self._stream = stream
         self._name = name
         self._conn = d.DiskConnection("primary", secret=secret)
         self._timeout = timeout
+        self._on_progress = on_progress
         self._lock = threading.Lock()
         self._queue: deque[tuple[int, int, bytes]] = deque()
         self._token: trio.lowlevel.TrioToken | None = None
         self._wake = trio.Event()
+        self._wake_pending = False
         self._epochs = _Epochs()
         self._next_epoch = 0  # the next EPOCH to send
         self._epoch_writes = 0
@@ -112,12 +121,17 @@ class DiskSender:
         record = (self._epoch_of(), offset, bytes(data))
         with self._lock:
             self._queue.append(record)
+            wake = not self._wake_pending  # one wake-up for a burst of writes
+            self._wake_pending = True
         token = self._token
-        if token is not None:
+        if wake and token is not None:
             try:
-                token.run_sync_soon(self._wake.set)
+                token.run_sync_soon(self._wake_up)
             except trio.RunFinishedError:
                 pass
+
+    def _wake_up(self) -> None:
+        self._wake.set()
 
     # -- the engine's flushes (through the fifo) --------------------------------------
     async def flush(self, epoch: int) -> bool:
@@ -199,29 +213,43 @@ class DiskSender:
         assert welcome is not None
         theirs = welcome.hashes
         fd = os.open(source.path, os.O_RDONLY | os.O_CLOEXEC)
+        step = max(source.size // 20, welcome.chunk)
+        reported = 0
         try:
             for index, offset in enumerate(range(0, source.size, welcome.chunk)):
                 chunk = await trio.to_thread.run_sync(
                     os.pread, fd, min(welcome.chunk, source.size - offset), offset)
                 if theirs[index * 8: index * 8 + 8] == struct.pack("<Q", impl.hash64(chunk)):
                     self.skipped_bytes += len(chunk)
-                    continue
-                await self._send(d.Sync(offset, chunk))
-                self.synced_bytes += len(chunk)
+                else:
+                    await self._send(d.Sync(offset, chunk))
+                    self.synced_bytes += len(chunk)
+                done = offset + len(chunk)
+                if self._on_progress is not None and done - reported >= step:
+                    reported = done
+                    self._on_progress(done, self.synced_bytes, self.skipped_bytes, False)
         finally:
             os.close(fd)
         await self._send(d.Synced(source.size))
+        if self._on_progress is not None:
+            self._on_progress(source.size, self.synced_bytes, self.skipped_bytes, True)
 
     async def _send_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
+            with self._lock:
+                self._wake_pending = False
             try:
                 await self._drain()
             except (d.DiskProtocolError, *_IO_ERRORS, trio.TooSlowError) as exc:
                 raise DiskReplicationError(f"sending to the backup failed: {exc}") from exc
 
     async def _drain(self) -> None:
+        """Send what is queued, many frames a write: a burst of small guest writes
+        costs one send, not one each."""
+        parts: list[bytes | memoryview] = []
+        size = 0
         while True:
             with self._lock:
                 record = self._queue[0] if self._queue else None
@@ -231,20 +259,30 @@ class DiskSender:
                 # when it was flushed, so none of its writes can still be coming.
                 epoch = requested.popleft()
                 while self._next_epoch <= epoch:
-                    await self._send(d.EpochEnd(self._next_epoch, self._epoch_writes,
-                                                self._epoch_bytes))
+                    parts += self._conn.send(d.EpochEnd(self._next_epoch, self._epoch_writes,
+                                                        self._epoch_bytes))
                     self._next_epoch += 1
                     self._epoch_writes = self._epoch_bytes = 0
                 continue
             if record is None:
-                return
+                break
             with self._lock:
                 self._queue.popleft()
             epoch, offset, data = record
-            await self._send(d.Write(max(epoch, self._next_epoch), offset, data))
+            parts += self._conn.send(d.Write(max(epoch, self._next_epoch), offset, data))
+            size += len(data)
             self._epoch_writes += 1
             self._epoch_bytes += len(data)
             self.writes += 1
+            if size >= _BATCH:
+                await self._send_parts(parts)
+                parts, size = [], 0
+        if parts:
+            await self._send_parts(parts)
+
+    async def _send_parts(self, parts: list[bytes | memoryview]) -> None:
+        with trio.fail_after(self._timeout):
+            await self._stream.send_all(b"".join(parts))
 
     async def _receive_some(self) -> None:
         data = await self._stream.receive_some(1 << 16)
@@ -337,6 +375,8 @@ class DiskReceiver:
                 elif isinstance(event, d.Write):
                     self._log(event)
                 elif isinstance(event, d.EpochEnd):
+                    if event.epoch == _CUT_AT:
+                        raise DiskReplicationError("cut by fault injection")
                     await self._make_durable(event)
                     for part in conn.send(d.Done(event.epoch)):
                         await stream.send_all(part)

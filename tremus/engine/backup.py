@@ -76,9 +76,10 @@ Fence = Callable[[str], Awaitable[None]]
 #: ``ownership_for(key)``: this backup's handle on the arbiter's record of guest ``key``.
 OwnershipFactory = Callable[[str], Ownership]
 
-#: ``await apply_gate(epoch)``: returns once checkpoint ``epoch`` may be applied (what
-#: else belongs to it, e.g. a disk epoch, is held here); raises PrimaryFailed if never.
-ApplyGate = Callable[[int], Awaitable[None]]
+#: ``await apply_gate(epoch)``: True once checkpoint ``epoch`` may be applied (what else
+#: belongs to it, e.g. a disk epoch, is held here), False if it never may: then neither
+#: it nor any later checkpoint is applied, and a failover resumes the last one that was.
+ApplyGate = Callable[[int], Awaitable[bool]]
 
 #: ``prepare_failover(epoch, config)``: make this host's resources (disk replicas) match
 #: checkpoint ``epoch``; returns the domain configuration to rebuild it with here.
@@ -148,6 +149,7 @@ class BackupSession:
         self._ownership_for = ownership_for
         self._ownership: Ownership | None = None
         self._apply_gate = apply_gate
+        self._frozen = False
         self._prepare_failover = prepare_failover
         self._conn = p.BackupConnection(secret=self.config.auth_secret)
         timeout = self.config.heartbeat_timeout_ms / 1000
@@ -300,8 +302,10 @@ class BackupSession:
 
     async def _apply(self, checkpoint: p.CompleteCheckpoint) -> None:
         assert self._replica is not None and self._hello is not None
-        if self._apply_gate is not None:
-            await self._apply_gate(checkpoint.epoch)
+        if self._frozen or (self._apply_gate is not None
+                            and not await self._apply_gate(checkpoint.epoch)):
+            self._frozen = True  # later checkpoints build on this one: none may follow
+            return
         started = time.perf_counter()
         page_size = self._hello.page_size
         for pfns, data in checkpoint.batches:

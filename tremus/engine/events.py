@@ -20,7 +20,7 @@ import trio
 
 __all__ = [
     "BackupLost", "BackupReady", "CheckpointAcked", "CheckpointApplied", "CheckpointSent",
-    "Console", "DeviceFailed", "DiskEpochApplied", "DiskEpochDurable", "DomainStarted", "DomainStopped", "Event",
+    "Console", "DeviceFailed", "DiskEpochApplied", "DiskEpochDurable", "DiskSync", "DomainStarted", "DomainStopped", "Event",
     "EventHub",
     "FailoverComplete", "FailoverRefused", "FailoverStarted", "Operation", "OperationComplete",
     "OutputReleased", "OwnershipLost", "OwnershipRefused", "OwnershipTaken",
@@ -133,6 +133,19 @@ class DiskEpochDurable(Event):
     writes: int
     bytes: int
     durable_us: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiskSync(Event):
+    """Progress of making the backup's replica equal to the disk image (primary)."""
+
+    name: ClassVar[str] = "disk_sync"
+    disk: str
+    done_bytes: int
+    total_bytes: int
+    sent_bytes: int
+    skipped_bytes: int
+    complete: bool
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

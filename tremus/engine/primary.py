@@ -87,6 +87,8 @@ class _Inflight:
     bytes_sent: int
     raw_bytes: int
     sent_at: float
+    #: When its last byte was handed to the transport (0: still sending).
+    sent_done: float = 0.0
 
 
 @final
@@ -162,6 +164,7 @@ class PrimarySession:
         self.halted = trio.Event()
         self.halt_reason = ""
         self._last_acked_sent_at = 0.0
+        self._last_ack_at = 0.0
 
     # -- public ---------------------------------------------------------------------
     def stop(self, reason: str = "stopped by request") -> None:
@@ -425,6 +428,7 @@ class PrimarySession:
             yield from parts
 
         await self._link.send_parts(frames())
+        record.sent_done = trio.current_time()
         self.events.emit(CheckpointSent(epoch=epoch, dirty_pages=count,
                                         bytes_sent=record.bytes_sent, pause_us=round(pause_us, 1)))
 
@@ -442,6 +446,7 @@ class PrimarySession:
         if self._ownership is not None:
             await self._while_owner()
         self._last_acked_sent_at = max(self._last_acked_sent_at, record.sent_at)
+        self._last_ack_at = trio.current_time()
         # Stamp the ACK's arrival before commit releases anything: the event's time
         # is then a lower bound of when epoch N's output can be seen outside.
         acked_at = time.time()
@@ -477,10 +482,25 @@ class PrimarySession:
         period = self.config.heartbeat_ms / 1000
         while True:
             await trio.sleep(period)
+            self._check_acks()
             self._heartbeat_seq += 1
             await self._link.send_parts(self._conn.send_parts(
                 p.Heartbeat(self._heartbeat_seq, time.time(),
                             echo=self._conn.their_heartbeat_seq)))
+
+    def _check_acks(self) -> None:
+        """A backup that talks but acknowledges nothing is lost too (it cannot apply
+        what we send: its disk replica failed, say)."""
+        if not self._inflight:
+            return
+        oldest = self._inflight[min(self._inflight)]
+        if not oldest.sent_done:
+            return
+        waited = trio.current_time() - max(oldest.sent_done, self._last_ack_at)
+        limit = 2 * self._silence_timeout()
+        if waited > limit:
+            raise BackupLostError(f"the backup acknowledged no checkpoint for "
+                                  f"{waited * 1000:.0f} ms (limit {limit * 1000:g} ms)")
 
     async def _while_owner(self) -> None:
         """Returns once the lease is certainly held; halts if it is gone."""
