@@ -127,3 +127,35 @@ async def test_netbuf_plug_names_nfqueue_on_this_kernel() -> None:
         assert "ifb" not in links, links
         qdiscs = net.topo.run("primary", ["tc", "qdisc", "show"]).stdout
         assert "ingress" not in qdiscs and "plug" not in qdiscs, qdiscs
+
+
+@pytest.mark.parametrize("netbuf", ["vmm", "nfqueue"])
+async def test_output_triggered_checkpoints_answer_without_the_wait(netbuf: str) -> None:
+    """With --output-triggered a held reply starts the next checkpoint at once: the
+    round trip is the guest's own time plus the pause and the checkpoint's round trip,
+    not half the 200 ms interval — and still no reply leaves before its epoch's ACK."""
+    with trio.fail_after(55):
+        async with kv_net() as net:
+            exchanges, primary = await protected_exchanges(net, netbuf, "--output-triggered")
+            started = primary.of("protection_started")[0]
+            assert started["output_triggered"] and started["min_interval_ms"] == 2
+            for exchange in exchanges:
+                epoch = await primary.wait_for(
+                    lambda p, t0=exchange.t0: first_epoch_sent_after(p, t0),
+                    what="a checkpoint after the request")
+                await primary.wait_for(lambda p, e=epoch: any(
+                    a["epoch"] >= e for a in p.of("checkpoint_acked")), what="ack")
+                acked = {a["epoch"]: a for a in primary.of("checkpoint_acked")}
+                assert exchange.t1 >= acked[epoch]["time"], (exchange, epoch)
+            rtt = statistics.median(e.rtt_ms for e in exchanges)
+            pause_ms = statistics.median(a["pause_us"] for a in acked.values()) / 1000
+            round_trip = statistics.median(a["round_trip_ms"] for a in acked.values())
+        async with kv_net() as net:
+            unsafe, _ = await protected_exchanges(net, "none", "--unsafe")
+            guest = statistics.median(e.rtt_ms for e in unsafe)
+        print(f"output-triggered {netbuf}: rtt {rtt:.2f} ms; guest {guest:.2f} + pause "
+              f"{pause_ms:.2f} + checkpoint round trip {round_trip:.2f} ms")
+        # The guest's own time (the unprotected round trip), the pause, the
+        # checkpoint's round trip, 1 ms; and a margin for the kick of a running vCPU.
+        assert rtt <= guest + pause_ms + round_trip + 1 + 5, (rtt, guest, pause_ms, round_trip)
+        assert rtt < 0.25 * INTERVAL_MS

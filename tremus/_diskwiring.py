@@ -68,7 +68,14 @@ async def open_disk_replication(
     fifo = BlockRemusFifo(run_dir, host, port, sender.flush, answer_timeout=timeout)
     await nursery.start(fifo.run)
     control, _ = fifo_paths(fifo.run_dir, host, port)
-    return [BlockRemusDevice(control, timeout=timeout)]
+    device = BlockRemusDevice(control, timeout=timeout)
+
+    def output() -> None:
+        if device.on_output is not None:
+            device.on_output()
+
+    sender.on_output = output
+    return [device]
 
 
 async def sniff(stream: trio.abc.Stream, timeout: float = 10.0

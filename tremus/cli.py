@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--backup", metavar="HOST:PORT", help="the backup's address (or URL)")
     protect.add_argument("--interval", type=float, default=50.0, metavar="MS",
                          help="checkpoint interval, from one resume to the next suspend (default 50)")
+    protect.add_argument("--output-triggered", action="store_true",
+                         help="when output is held, checkpoint as soon as --min-interval "
+                              "allows instead of waiting for --interval (low latency)")
+    protect.add_argument("--min-interval", type=float, default=2.0, metavar="MS",
+                         help="with --output-triggered, the shortest time from a resume to "
+                              "the next suspend (default 2; bounds the checkpoint rate)")
     protect.add_argument("--no-compression", action="store_true", help="send raw pages (no delta)")
     protect.add_argument("--blackhole", action="store_true",
                          help="build checkpoints and drop them (benchmarking; not protection)")
@@ -359,7 +365,8 @@ async def cmd_protect(args: argparse.Namespace) -> int:
         raise UsageError("--backup HOST:PORT is required (or --blackhole)")
     config = _protection_config(
         args, interval_ms=args.interval, codec="raw" if args.no_compression else "delta",
-        verify=args.verify, max_inflight=args.max_inflight)
+        verify=args.verify, max_inflight=args.max_inflight,
+        output_triggered=args.output_triggered, min_interval_ms=args.min_interval)
     _check_arbiter(args)
     if args.no_disk_replication and not args.unsafe:
         raise UsageError("--no-disk-replication leaves the backup without the guest's disk "

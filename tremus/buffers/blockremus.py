@@ -107,6 +107,9 @@ class BlockRemusDevice:
     max_inflight = 1024
     #: Disks commit first: network output of an epoch waits for its `done`.
     commit_stage = 0
+    #: Set by an output-triggered engine; the disk behind the fifo calls it (through
+    #: whoever wires it) when the open epoch gets its first write.
+    on_output: Callable[[], None] | None = None
 
     def __init__(self, control_path: str | os.PathLike[str], *, timeout: float = 10.0) -> None:
         """Describe the device; nothing is opened before :meth:`setup`.

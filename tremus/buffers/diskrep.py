@@ -103,6 +103,9 @@ class DiskSender:
         self._token: trio.lowlevel.TrioToken | None = None
         self._wake = trio.Event()
         self._wake_pending = False
+        self._notified_epoch = -1
+        #: Called (in the writer's thread) on each epoch's first write.
+        self.on_output: Callable[[], None] | None = None
         self._epochs = _Epochs()
         self._next_epoch = 0  # the next EPOCH to send
         self._epoch_writes = 0
@@ -119,6 +122,10 @@ class DiskSender:
     # -- the guest's writes (vCPU thread) ---------------------------------------------
     def _on_write(self, offset: int, data: memoryview) -> None:
         record = (self._epoch_of(), offset, bytes(data))
+        if record[0] != self._notified_epoch:
+            self._notified_epoch = record[0]
+            if self.on_output is not None:
+                self.on_output()  # the epoch's first write: the disk holds output
         with self._lock:
             self._queue.append(record)
             wake = not self._wake_pending  # one wake-up for a burst of writes

@@ -55,6 +55,7 @@ import shutil
 import socket
 import struct
 from collections import deque
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -274,6 +275,9 @@ class NfqueueBuffer:
         self.last_id: int | None = None
         #: Packets seen on the queue since setup.
         self.seen = 0
+        #: Called when the open epoch gets its first packet (output-triggered engines).
+        self.on_output: Callable[[], None] | None = None
+        self._output_in_epoch = False
         #: Packets released by commits and release_all.
         self.released = 0
 
@@ -487,6 +491,10 @@ class NfqueueBuffer:
         self.seen += 1
         if self.last_id is None or id_after(packet.packet_id, self.last_id):
             self.last_id = packet.packet_id
+        if not self._passthrough and not self._output_in_epoch:
+            self._output_in_epoch = True
+            if self.on_output is not None:
+                self.on_output()
 
     def _take_pending(self) -> None:
         """Account for everything the kernel has already sent us."""
@@ -540,6 +548,7 @@ class NfqueueBuffer:
         self._take_pending()
         self._closed.append(_Closed(epoch, self.last_id, self.seen))
         self._last_epoch = epoch
+        self._output_in_epoch = False
         await trio.lowlevel.checkpoint()
 
     async def preresume(self, epoch: int) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, final
 
 import trio
@@ -44,6 +45,8 @@ class VmmNetBuffer:
         self._nic: Nic | None = None
         self.limit_frames = limit_frames
         self.limit_bytes = limit_bytes
+        #: Called (in the vCPU thread) when the open epoch gets its first frame.
+        self.on_output: Callable[[], None] | None = None
         # Guarded by _lock (the vCPU thread appends to _open).
         self._lock = threading.Lock()
         self._holding = False
@@ -84,10 +87,13 @@ class VmmNetBuffer:
                     or self._held_bytes + len(frame) > self.limit_bytes):
                 self.dropped += 1
                 return True
+            first = not self._open
             self._open.append(frame)
             self._held_frames += 1
             self._held_bytes += len(frame)
-            return True
+        if first and self.on_output is not None:
+            self.on_output()
+        return True
 
     # -- CheckpointDevice -----------------------------------------------------------------
     async def setup(self) -> None:

@@ -41,6 +41,11 @@ class ProtectionConfig:
             checks its replica against it after applying.
         delta_cache_pages: slots of the primary's page cache for delta coding.
         auth_secret: shared secret authenticating HELLO (None: no authentication).
+        output_triggered: when a device holds output (a frame, a console line, a
+            disk write), start the next checkpoint as soon as ``min_interval_ms``
+            since the last resume allows; ``interval_ms`` stays the longest gap.
+        min_interval_ms: the shortest time from a resume to the next suspend with
+            ``output_triggered`` (it bounds the checkpoint rate under heavy output).
     """
 
     interval_ms: float = 50.0
@@ -51,6 +56,8 @@ class ProtectionConfig:
     verify: bool = False
     delta_cache_pages: int = 8192
     auth_secret: bytes | None = None
+    output_triggered: bool = False
+    min_interval_ms: float = 2.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.interval_ms <= 3_600_000:
@@ -64,6 +71,9 @@ class ProtectionConfig:
                 f"heartbeat timeout ({self.heartbeat_timeout_ms} ms) must exceed the "
                 f"heartbeat period ({self.heartbeat_ms} ms)"
             )
+        if not 0 < self.min_interval_ms <= self.interval_ms:
+            raise ConfigError(f"min interval {self.min_interval_ms} ms must be within "
+                              f"0..interval ({self.interval_ms} ms)")
         if self.delta_cache_pages < 1:
             raise ConfigError("delta_cache_pages must be at least 1")
 

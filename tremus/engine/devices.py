@@ -7,7 +7,7 @@ operation on all devices in parallel and fails if any of them fails.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, final, runtime_checkable
 
 import trio
@@ -41,6 +41,9 @@ class CheckpointDevice(Protocol):
     # Optional: ``commit_stage`` (int, default 1). Commits run stage by stage, each
     # stage's devices in parallel: a disk (stage 0) must have said its epoch is
     # durable on the backup before network output (stage 1) may be released.
+    # Optional: ``on_output`` (``Callable[[], None] | None``), set by the engine before
+    # ``setup``: a device calls it (from any thread) when it starts holding output in
+    # the open epoch, so that an output-triggered engine checkpoints soon.
 
     async def setup(self) -> None: ...
 
@@ -69,6 +72,12 @@ class DeviceRunner:
         stages = sorted({_stage(d) for d in self.devices})
         self._commit_stages = [DeviceRunner([d for d in self.devices if _stage(d) == stage])
                                for stage in stages] if len(stages) > 1 else []
+
+    def notify_output(self, callback: Callable[[], None] | None) -> None:
+        """Have every device that can tell call ``callback`` when it holds output."""
+        for device in self.devices:
+            if hasattr(device, "on_output"):
+                device.on_output = callback  # type: ignore[attr-defined]
 
     @property
     def max_inflight(self) -> int:

@@ -75,6 +75,9 @@ class ProtectionStarted(Event):
     interval_ms: float
     codec: str
     devices: tuple[str, ...]
+    #: Checkpoints start early (after ``min_interval_ms``) when output is held.
+    output_triggered: bool = False
+    min_interval_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -145,6 +145,10 @@ class PrimarySession:
         self._ram_digest = 0
         self._stop = trio.Event()
         self._lease_lost = trio.Event()
+        self._output_waiting = trio.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        if self.config.output_triggered:
+            self._devices.notify_output(self._output_held)
         #: Set once ``run`` has finished (END sent, devices torn down).
         self.stopped = trio.Event()
         #: Set when the backup is lost (the guest runs on, unprotected).
@@ -178,6 +182,7 @@ class PrimarySession:
         If the backup is lost the domain keeps running unprotected and ``run`` keeps
         going (held output released) until ``stop()``.
         """
+        self._token = trio.lowlevel.current_trio_token()
         try:
             with collapse_groups():
                 async with trio.open_nursery() as guard:
@@ -231,6 +236,8 @@ class PrimarySession:
                 domain=self.domain.driver, backup=self._backup_name,
                 interval_ms=self.config.interval_ms, codec=self._codec.name,
                 devices=tuple(d.name for d in self._devices.devices),
+                output_triggered=self.config.output_triggered,
+                min_interval_ms=self.config.min_interval_ms,
             ))
             task_status.started()
             started = True
@@ -353,7 +360,7 @@ class PrimarySession:
         epoch = 0
         resumed_at = trio.current_time()
         while True:
-            await trio.sleep_until(resumed_at + interval)
+            await self._until_next_epoch(resumed_at, interval)
             while len(self._inflight) >= max_inflight:
                 self._inflight_changed = trio.Event()
                 await self._inflight_changed.wait()
@@ -366,6 +373,28 @@ class PrimarySession:
                 assert isinstance(event, p.Ack), event
                 await self._on_ack(event.epoch)
             epoch += 1
+
+    async def _until_next_epoch(self, resumed_at: float, interval: float) -> None:
+        """The interval after the last resume, or, output-triggered, the minimum
+        interval once a device holds output of the open epoch."""
+        if not self.config.output_triggered:
+            await trio.sleep_until(resumed_at + interval)
+            return
+        with trio.move_on_at(resumed_at + interval):
+            await self._output_waiting.wait()
+            await trio.sleep_until(resumed_at + self.config.min_interval_ms / 1000)
+
+    def _output_held(self) -> None:
+        """A device holds output of the open epoch (called from any thread)."""
+        token = self._token
+        if token is not None:
+            try:
+                token.run_sync_soon(self._wake_for_output)
+            except trio.RunFinishedError:
+                pass
+
+    def _wake_for_output(self) -> None:
+        self._output_waiting.set()
 
     async def _capture(self, epoch: int, *, full: bool) -> tuple[memoryview, bytes, float, float]:
         """Steps 2-4: the pause. Shielded: the guest is always resumed."""
@@ -383,6 +412,8 @@ class PrimarySession:
                 if self.config.verify:
                     self._ram_digest = int(impl.hash64(domain.ram))
                 await self._devices.preresume(epoch)
+                # Output from now on belongs to the next epoch.
+                self._output_waiting = trio.Event()
             finally:
                 await domain.resume()
                 resumed = time.perf_counter()
