@@ -71,9 +71,10 @@ class ProtectionConfig:
                 f"heartbeat timeout ({self.heartbeat_timeout_ms} ms) must exceed the "
                 f"heartbeat period ({self.heartbeat_ms} ms)"
             )
-        if not 0 < self.min_interval_ms <= self.interval_ms:
-            raise ConfigError(f"min interval {self.min_interval_ms} ms must be within "
-                              f"0..interval ({self.interval_ms} ms)")
+        if self.min_interval_ms <= 0 or (self.output_triggered
+                                         and self.min_interval_ms > self.interval_ms):
+            raise ConfigError(f"min interval {self.min_interval_ms} ms must be positive and "
+                              f"at most the interval ({self.interval_ms} ms)")
         if self.delta_cache_pages < 1:
             raise ConfigError("delta_cache_pages must be at least 1")
 
