@@ -367,6 +367,7 @@ class EtcdOwnership:
             raise OwnershipError(f"arbiter {self._url} is closed")
         n = len(self._members)
         budget = timeout if timeout is not None else max(self.lease_ttl, self._request_timeout * n)
+        budget = max(budget, 0.0)  # a deadline already past (after a stall): give up now
         errors: list[str] = []
         attempt = 0
         with trio.move_on_after(budget):

@@ -78,6 +78,19 @@ class _Halt(Exception):
     """This primary may have been replaced: stop the guest, release nothing."""
 
 
+@contextlib.contextmanager
+def _halts_first() -> Iterator[None]:
+    """Several tasks may decide to halt at once (the lease and the backup lost
+    together): a group holding a halt is that halt."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        halts = [e for e in leaves(group) if isinstance(e, _Halt)]
+        if halts:
+            raise halts[0] from None
+        raise
+
+
 @dataclass(slots=True)
 class _Inflight:
     epoch: int
@@ -183,6 +196,7 @@ class PrimarySession:
         going (held output released) until ``stop()``.
         """
         self._token = trio.lowlevel.current_trio_token()
+        crashed = False
         try:
             with collapse_groups():
                 async with trio.open_nursery() as guard:
@@ -194,8 +208,18 @@ class PrimarySession:
                     except _Halt as exc:
                         await self._halt(str(exc))
                     guard.cancel_scope.cancel()
+        except (BackupLostError, trio.Cancelled):
+            raise
+        except BaseException:
+            crashed = self.epochs_acked > 0
+            raise
         finally:
             with trio.CancelScope(shield=True):
+                if crashed and not self.halted.is_set():
+                    # Something broke here, not the backup: the buffers are about to
+                    # go, and a guest still running would talk past them. Freeze it.
+                    with contextlib.suppress(Exception):
+                        await self.domain.suspend()
                 await self._link.aclose()
                 await self._devices.teardown()
                 if self._ownership is not None:
@@ -242,7 +266,7 @@ class PrimarySession:
             task_status.started()
             started = True
             self.protection.complete(None)
-            with collapse_groups():
+            with _halts_first(), collapse_groups():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._protect)
                     nursery.start_soon(self._watch_lease)
@@ -254,7 +278,7 @@ class PrimarySession:
                 raise
             await self._backup_lost(exc)
         if self._lost is not None:
-            with collapse_groups():
+            with _halts_first(), collapse_groups():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_lease)
                     await self._stop.wait()
