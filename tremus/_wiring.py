@@ -1,7 +1,8 @@
-"""Concrete output buffers for a domain, chosen by name (``--netbuf``).
+"""Concrete output buffers for a domain, chosen by name (``--netbuf``), and its console's.
 
 The engine sees only ``CheckpointDevice``s; this is where the command line and
-embedders turn ``plug``, ``nfqueue``, ``vmm`` or ``none`` into one.
+embedders turn ``plug``, ``nfqueue``, ``vmm`` or ``none`` into one, and hold the
+console's lines (``open_console``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 
 from tremus.engine.devices import CheckpointDevice
 
-__all__ = ["NETBUF_KINDS", "NetbufError", "open_netbuf"]
+__all__ = ["NETBUF_KINDS", "NetbufError", "open_console", "open_netbuf"]
 
 NETBUF_KINDS = ("auto", "plug", "nfqueue", "vmm", "none")
 
@@ -60,3 +61,18 @@ async def open_netbuf(kind: str, domain: Any, stack: AsyncExitStack, *, unsafe: 
 
         return [await stack.enter_async_context(NfqueueBuffer(tap, queue_num))]
     raise NetbufError(f"unknown --netbuf {kind!r}; choose one of {', '.join(NETBUF_KINDS)}")
+
+
+def open_console(domain: Any, *, unsafe: bool = False) -> list[CheckpointDevice]:
+    """The device that holds ``domain``'s console lines until their checkpoint is acked.
+
+    Console output is output: a line printed in epoch N leaves the primary only with
+    N's commit, so a backup that takes over never prints a line twice. Nothing with
+    ``unsafe`` (lines go out at once), nor for a domain whose console cannot hold
+    lines (no ``console.line_hook``). The lines go to the domain's own console sink.
+    """
+    if unsafe or not hasattr(getattr(domain, "console", None), "line_hook"):
+        return []
+    from tremus.buffers.console import ConsoleBuffer
+
+    return [ConsoleBuffer(domain)]

@@ -20,7 +20,7 @@ from tremus import transports
 from tremus._diskwiring import BackupDisks, open_disk_replication, sniff
 from tremus._groups import collapse_groups
 from tremus._output import EventPrinter
-from tremus._wiring import NETBUF_KINDS, NetbufError, open_netbuf
+from tremus._wiring import NETBUF_KINDS, NetbufError, open_console, open_netbuf
 from tremus.buffers.blockremus import BlockRemusDevice
 from tremus.buffers.diskrep import DiskReplicationError
 from tremus.domains.base import Domain, DomainError
@@ -443,7 +443,8 @@ async def _protect_once(args: argparse.Namespace, domain: Domain,
                                         queue_num=args.nfqueue_num)
         except NetbufError as exc:
             raise UsageError(str(exc)) from None
-        devices = [*await _disk_devices(args, domain, stack, config, hub), *devices]
+        devices = [*await _disk_devices(args, domain, stack, config, hub), *devices,
+                   *open_console(domain, unsafe=args.unsafe)]
         session = PrimarySession(
             domain, stream, config=config, hub=hub, devices=devices,
             backup_name="blackhole" if args.blackhole else args.backup,

@@ -39,6 +39,9 @@ class VmmNetBuffer:
     #: Epochs closed but not committed that can be held at once.
     max_inflight = 1 << 16
 
+    #: Its operations never wait: the device runner calls it inline.
+    inline = True
+
     def __init__(self, vm: MicroVM, *, limit_frames: int = 65536,
                  limit_bytes: int = 64 << 20) -> None:
         self._vm = vm

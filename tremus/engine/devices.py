@@ -41,6 +41,8 @@ class CheckpointDevice(Protocol):
     # Optional: ``commit_stage`` (int, default 1). Commits run stage by stage, each
     # stage's devices in parallel: a disk (stage 0) must have said its epoch is
     # durable on the backup before network output (stage 1) may be released.
+    # Optional: ``inline`` (bool, default False): the device's operations never wait
+    # (in-memory holds); the runner calls them in turn rather than in a nursery.
     # Optional: ``on_output`` (``Callable[[], None] | None``), set by the engine before
     # ``setup``: a device calls it (from any thread) when it starts holding output in
     # the open epoch, so that an output-triggered engine checkpoints soon.
@@ -98,6 +100,28 @@ class DeviceRunner:
                 raise DeviceError(device.name, op, exc) from exc
         results: list[object] = [None] * len(self.devices)
         errors: list[DeviceError] = []
+        waiting = [(i, d) for i, d in enumerate(self.devices) if not getattr(d, "inline", False)]
+        # Devices whose operations never wait (in-memory holds) run in turn right here:
+        # only the others are worth a nursery inside the guest's pause.
+        for i, device in enumerate(self.devices):
+            if getattr(device, "inline", False):
+                try:
+                    results[i] = await getattr(device, op)(*args)
+                except trio.Cancelled:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - reported with device and op
+                    errors.append(DeviceError(device.name, op, exc))
+        if len(waiting) <= 1:
+            for i, device in waiting:
+                try:
+                    results[i] = await getattr(device, op)(*args)
+                except trio.Cancelled:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - reported with device and op
+                    errors.append(DeviceError(device.name, op, exc))
+            if errors:
+                raise errors[0]
+            return results
 
         async def one(i: int, device: CheckpointDevice) -> None:
             try:
@@ -108,7 +132,7 @@ class DeviceRunner:
                 errors.append(DeviceError(device.name, op, exc))
 
         async with trio.open_nursery() as nursery:
-            for i, device in enumerate(self.devices):
+            for i, device in waiting:
                 nursery.start_soon(one, i, device)
         if errors:
             raise errors[0]

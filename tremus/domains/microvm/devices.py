@@ -13,7 +13,11 @@ from typing import Any, Protocol, final
 from tremus.domains.base import DomainError
 from tremus.domains.microvm import abi
 
-__all__ = ["Clock", "Console", "ExitPort", "Idle", "PortDevice"]
+__all__ = ["Clock", "Console", "ExitPort", "Idle", "LineHook", "PortDevice"]
+
+#: Called in the vCPU thread with each line the guest prints; returns True if it took
+#: the line (it will emit it later, or drop it), False to let the console emit it.
+LineHook = Callable[[str], bool]
 
 
 class PortDevice(Protocol):
@@ -96,7 +100,11 @@ class Idle:
 
 @final
 class Console:
-    """The guest hands over the address of a NUL-terminated line; one exit per line."""
+    """The guest hands over the address of a NUL-terminated line; one exit per line.
+
+    Each line goes to ``emit``, unless a line hook (an output buffer holding the
+    console until its epoch is committed) takes it.
+    """
 
     name = "console"
     ports: tuple[int, ...] = (abi.PORT_CONSOLE,)
@@ -106,6 +114,8 @@ class Console:
         self._ram = ram
         self._emit = emit
         self.lines = 0
+        #: See ``LineHook``; installed by the console output buffer.
+        self.line_hook: LineHook | None = None
 
     def io_out(self, port: int, value: int) -> None:
         if value >= len(self._ram):
@@ -114,7 +124,11 @@ class Console:
         end = chunk.find(b"\0")
         text = chunk if end < 0 else chunk[:end]
         self.lines += 1
-        self._emit(text.decode("utf-8", "replace"))
+        line = text.decode("utf-8", "replace")
+        hook = self.line_hook
+        if hook is not None and hook(line):
+            return
+        self._emit(line)
 
     def io_in(self, port: int) -> int:
         return 0

@@ -286,6 +286,11 @@ class MicroVM:
     def suspended(self) -> bool:
         return self._parked
 
+    @property
+    def console_sink(self) -> ConsoleSink | None:
+        """Where the guest's console lines go (called in the Trio thread), if anywhere."""
+        return self._console_sink
+
     def write_ram(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Write into guest RAM as a device would (DMA); the pages become dirty."""
         end = addr + len(data)
