@@ -52,6 +52,9 @@ def _duration(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tremus", description=__doc__)
+    from tremus import __version__
+
+    parser.add_argument("--version", action="version", version=f"tremus {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a domain unprotected")
@@ -116,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--nfqueue-num", type=int, default=0, metavar="N",
                          help="NFQUEUE number for --netbuf nfqueue (default 0)")
     protect.add_argument("--unsafe", action="store_true",
-                         help="allow --netbuf none for a domain with a NIC (output is not held)")
+                         help="let output out before its checkpoint is acknowledged: allows "
+                              "--netbuf none and --no-disk-replication, and console lines "
+                              "are not held")
     protect.add_argument("--max-inflight", type=int, default=4, metavar="N",
                          help="checkpoints sent but not yet acknowledged (default 4)")
     _disk_option(protect)
@@ -128,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "control fifo PATH (and PATH.msg)")
     protect.add_argument("--run-dir", metavar="DIR",
                          help="where the disk's block-remus fifos are made (default /run/tremus)")
-    protect.add_argument("--reprotect", type=float, nargs="?", const=2.0, metavar="S",
+    protect.add_argument("--reprotect", type=_duration, nargs="?", const=2.0, metavar="S",
                          help="when the backup is lost, try every S seconds (default 2) to "
                               "protect again, to it or its replacement at the same address")
     protect.add_argument("--heartbeat-timeout", type=float, default=1000.0, metavar="MS",
