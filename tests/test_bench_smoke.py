@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tremus import accel
+from tremus.testing.topology import require_root
 
 REPO = Path(__file__).resolve().parent.parent
 HAS_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
@@ -38,17 +39,22 @@ BENCHES = [
     ("disk", ["--smoke"], True,
      {"mode", "io_size", "interval_ms", "writes_per_s", "mb_per_s", "guest_bound",
       "ratio_to_unprotected"}),
+    ("latency", ["--smoke"], True,
+     {"netbuf", "interval_ms", "requests", "rtt_ms_median", "rtt_ms_p90", "rtt_ms_p99",
+      "ratio_to_unprotected"}),
 ]
 
 
 @pytest.mark.parametrize(("name", "args", "needs_kvm", "keys"), BENCHES,
                          ids=[b[0] for b in BENCHES])
 def test_bench_prints_one_json_object(name: str, args: list[str], needs_kvm: bool,
-                                      keys: set[str]) -> None:
+                                      keys: set[str], tmp_path: Path) -> None:
     if accel.native is None:
         pytest.skip("the native helper is not built")
     if needs_kvm and not HAS_KVM:
         pytest.skip("needs /dev/kvm")
+    if name == "latency" and (why_not := require_root()) is not None:
+        pytest.skip(why_not)  # network namespaces
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / f"{name}.py"), *args],
         capture_output=True, text=True, timeout=45, cwd=REPO, check=False,
@@ -70,5 +76,20 @@ def test_bench_prints_one_json_object(name: str, args: list[str], needs_kvm: boo
         assert replicated
         assert {"durable_us", "durable_us_p99", "ratio_to_fdatasync", "round_trip_ms",
                 "commit_delay_ms"} <= set(replicated[0])
+    if name == "latency":
+        triggered = [r for r in doc["results"] if r.get("output_triggered")]
+        assert triggered and {"ack_rtt_ms", "pause_us", "to_send_ms"} <= set(triggered[0])
+        assert doc["cost"], "no cost rows"
+        assert {"mode", "offered_rps", "sent_rps", "replied_rps", "checkpoints_per_s",
+                "cpu_cores", "rtt_ms_median"} <= set(doc["cost"][0])
+        # The plot, from the JSON (skipped with a note without matplotlib).
+        (tmp_path / "latency.json").write_text(proc.stdout)
+        png = tmp_path / "latency.png"
+        plotted = subprocess.run(
+            [sys.executable, str(REPO / "bench" / "latency.py"), "--plot",
+             str(tmp_path / "latency.json"), "--png", str(png)],
+            capture_output=True, text=True, timeout=45, cwd=REPO, check=False)
+        assert plotted.returncode == 0, plotted.stderr[-3000:]
+        assert png.exists() or "matplotlib is not installed" in plotted.stderr
     if name == "compression":
         assert {"miss", "delta", "same"} == {r["case"] for r in doc["codec_speed"]}
