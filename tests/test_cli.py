@@ -40,3 +40,33 @@ def test_bad_listen_address() -> None:
     proc = _cli("backup", "--listen", "nonsense:port")
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@needs_kvm
+def test_metrics_address_in_use_is_reported_before_the_backup_is_contacted() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The backup address is dead too: the metrics error must come first.
+        proc = _cli("protect", "--domain", "microvm:memory=4M", "--backup", "127.0.0.1:1",
+                    "--metrics", f"127.0.0.1:{port}")
+    assert proc.returncode == 2, proc.stderr
+    assert f"--metrics 127.0.0.1:{port}" in proc.stderr and "in use" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@needs_kvm
+def test_a_missing_tls_file_is_named() -> None:
+    proc = _cli("protect", "--domain", "microvm:memory=4M", "--backup", "tls://127.0.0.1:1",
+                "--tls-ca", "/nonexistent/ca.pem")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "tremus: error: --tls-ca /nonexistent/ca.pem: no such file"
+
+
+def test_version_and_a_negative_reprotect() -> None:
+    assert _cli("--version").stdout.startswith("tremus ")
+    proc = _cli("protect", "--domain", "microvm:memory=4M", "--blackhole", "--reprotect", "-1")
+    assert proc.returncode == 2 and "--reprotect" in proc.stderr and "positive" in proc.stderr

@@ -240,6 +240,10 @@ def _ssl_context(args: argparse.Namespace, url: str, *, server: bool) -> ssl.SSL
         if args.tls_cert or args.tls_ca:
             raise UsageError("--tls-cert/--tls-ca need a tls:// address")
         return None
+    for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
+                         ("--tls-ca", args.tls_ca)):
+        if path and not os.path.isfile(path):
+            raise UsageError(f"{option} {path}: no such file")
     try:
         if server:
             if not args.tls_cert:
@@ -349,7 +353,11 @@ async def _start_metrics(nursery: trio.Nursery, args: argparse.Namespace, hub: E
         raise UsageError(f"--metrics {args.metrics!r}: expected HOST:PORT")
     metrics = Metrics(role)
     metrics.attach(hub)
-    await nursery.start(serve_metrics, metrics, host or "127.0.0.1", int(port))
+    try:
+        await nursery.start(serve_metrics, metrics, host or "127.0.0.1", int(port))
+    except OSError as exc:
+        raise UsageError(f"--metrics {args.metrics}: cannot serve metrics there: "
+                         f"{exc.strerror or exc}") from None
 
 
 async def _until_done(duration: float | None) -> str:
@@ -381,10 +389,11 @@ async def cmd_protect(args: argparse.Namespace) -> int:
     host = socket.gethostname()
     spec, args.disk_target = _with_disk(args)
     domain = create_domain(spec, console=lambda line: hub.emit(Console(line=line, host=host)))
-    stream = await _connect_backup(args)
     halted = ""
     async with trio.open_nursery() as nursery:
+        # Everything that can be checked here is, before the backup is contacted.
         await _start_metrics(nursery, args, hub, "primary")
+        stream = await _connect_backup(args)
         hub.emit(DomainStarted(domain=spec, ram_bytes=domain.geometry.ram_size, host=host))
         await nursery.start(domain.run)
         done = trio.Event()
