@@ -290,8 +290,9 @@ async def test_works_with_one_member_killed() -> None:
         leader = c.leader()
         order = [leader] + [i for i in range(3) if i != leader]
         url = c.url_of(*order)
-        a = open_arbiter(url, key="g", me="A", lease_ttl=2)
-        b = open_arbiter(url, key="g", me="B", lease_ttl=2)
+        # Leases long enough to outlive an election on a loaded two-core machine.
+        a = open_arbiter(url, key="g", me="A", lease_ttl=4)
+        b = open_arbiter(url, key="g", me="B", lease_ttl=4)
         try:
             await a.acquire(wait=0)
             async with trio.open_nursery() as nursery:
@@ -300,7 +301,7 @@ async def test_works_with_one_member_killed() -> None:
                 await _held_throughout(a, 2)
                 await a.designate("B")
                 nursery.cancel_scope.cancel()
-            await b.take_over(wait=5)
+            await b.take_over(wait=10)
             async with trio.open_nursery() as nursery:
                 await nursery.start(b.keep)
                 await _held_throughout(b, 1)
