@@ -20,11 +20,11 @@ import trio
 
 __all__ = [
     "BackupLost", "BackupReady", "CheckpointAcked", "CheckpointApplied", "CheckpointSent",
-    "Console", "DeviceFailed", "DiskEpochApplied", "DiskEpochDurable", "DiskSync", "DomainStarted", "DomainStopped", "Event",
-    "EventHub",
-    "FailoverComplete", "FailoverRefused", "FailoverStarted", "Operation", "OperationComplete",
-    "OutputReleased", "OwnershipLost", "OwnershipRefused", "OwnershipTaken",
-    "PrimaryConnected", "ProtectionStarted", "ProtectionStopped", "Subscription",
+    "ConnectionRejected", "Console", "DeviceFailed", "DiskEpochApplied", "DiskEpochDurable",
+    "DiskSync", "DomainStarted", "DomainStopped", "Event", "EventHub", "FailoverComplete",
+    "FailoverRefused", "FailoverStarted", "Operation", "OperationComplete", "OutputReleased",
+    "OwnershipLost", "OwnershipRefused", "OwnershipTaken", "PrimaryConnected",
+    "ProtectionStarted", "ProtectionStopped", "ReplicaClosed", "ReplicaOpened", "Subscription",
 ]
 
 
@@ -213,6 +213,40 @@ class PrimaryConnected(Event):
     peer: str
     domain: str
     ram_bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaOpened(Event):
+    """A backup service accepted a primary: it now holds a replica of guest ``guest``."""
+
+    name: ClassVar[str] = "replica_opened"
+    guest: str
+    peer: str
+    ram_bytes: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReplicaClosed(Event):
+    """A backup service no longer holds guest ``guest``'s replica.
+
+    ``outcome``: ``ended`` (the primary stopped protection), ``failed_over`` (the
+    guest now runs here), ``refused`` (nothing to fail over to, or not allowed).
+    """
+
+    name: ClassVar[str] = "replica_closed"
+    guest: str
+    outcome: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionRejected(Event):
+    """A connection to a backup service was closed without touching any replica
+    (garbage, a wrong secret, a failed TLS handshake, a name already taken, ...)."""
+
+    name: ClassVar[str] = "connection_rejected"
+    peer: str
+    reason: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
