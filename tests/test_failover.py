@@ -43,7 +43,7 @@ async def start_pair(nursery: trio.Nursery, *backup_args: str,
     """A ``tremus backup`` and a ``tremus protect`` to it on loopback (interval 50 ms)."""
     port = free_port()
     backup = await start_tremus(nursery, "backup", "backup", "--listen", f"127.0.0.1:{port}",
-                                "--json", *backup_args)
+                                "--json", "--once", *backup_args)
     await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
     primary = await start_tremus(nursery, "primary", "protect", "--domain", domain,
                                  "--backup", f"127.0.0.1:{port}", "--interval", "50", "--json",
@@ -95,12 +95,13 @@ async def test_backup_refuses_failover_before_a_complete_checkpoint() -> None:
     port = free_port()
     async with trio.open_nursery() as nursery:
         backup = await start_tremus(nursery, "backup", "backup", "--listen",
-                                    f"127.0.0.1:{port}", "--json")
+                                    f"127.0.0.1:{port}", "--json", "--once")
         await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
         client = await trio.open_tcp_stream("127.0.0.1", port)
         await client.aclose()  # a "primary" that dies before sending anything useful
-        refused = await backup.wait_for(lambda b: b.of("failover_refused"), what="refusal")
-        assert "nothing to fail over to" in refused[0]["reason"]
+        # Not a primary yet (no HELLO): rejected, no replica, nothing to fail over.
+        rejected = await backup.wait_for(lambda b: b.of("connection_rejected"), what="reject")
+        assert "closed" in rejected[0]["reason"] and rejected[0]["peer"].startswith("127.0.0.1:")
         await backup.exited.wait()
         assert backup.process.returncode == 1
         assert not backup.of("failover_complete")

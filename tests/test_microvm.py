@@ -213,3 +213,24 @@ def test_cli_errors_are_one_line(args: list[str], env: dict[str, str], message: 
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@needs_kvm
+async def test_a_suspend_right_after_a_resume_stops_the_guest() -> None:
+    """After ``resume()`` the vCPU thread runs the guest from inside its park call; a
+    suspend in that window must stop the guest again (it once found the domain still
+    "parked" and returned at once, and the checkpoint was taken from a running guest)."""
+    vm = boot(workload="dirty", memory="4M", rate="1000000", pattern="random")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.run)
+        await trio.sleep(0.2)
+        for _ in range(300):
+            await vm.suspend()
+            assert vm.suspended
+            before = bytes(vm.ram)
+            vm.save_state()  # raises if the vCPU is not stopped
+            await trio.sleep(0.001)
+            assert bytes(vm.ram) == before, "guest RAM changed while suspended"
+            await vm.resume()
+            assert not vm.suspended
+        vm.stop()

@@ -303,7 +303,8 @@ async def test_wrong_secret_is_refused_before_anything_is_staged() -> None:
         with trio.fail_after(10):
             while not outcome:
                 await trio.sleep(0.01)
-        assert outcome == [BackupOutcome.REFUSED]
+        assert outcome == [BackupOutcome.REJECTED]  # never a protection session
+        assert "auth" in backup.rejected_reason.lower() or "secret" in backup.rejected_reason
         assert backup.replica is None or not any(backup.replica)
         assert backup.applied_epoch is None
         domain.stop()

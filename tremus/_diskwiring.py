@@ -15,7 +15,7 @@ import os
 import socket
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import Any, final
 
 import trio
 
@@ -33,7 +33,9 @@ from tremus.engine.events import (
     EventHub,
 )
 
-__all__ = ["BackupDisks", "open_disk_replication", "sniff"]
+__all__ = [
+    "BackupDisks", "GuestDisks", "disk_name", "guest_of_disk", "open_disk_replication", "sniff",
+]
 
 #: Fault injection for tests: seconds between disk epoch N durable and memory N applied.
 _APPLY_DELAY = float(os.environ.get("TREMUS_INJECT_APPLY_DELAY_MS", "0")) / 1000
@@ -130,38 +132,92 @@ class _Prefixed(trio.abc.Stream):
         await self._inner.aclose()
 
 
+def disk_name(guest: str, index: int = 0) -> str:
+    """The name a guest's disk replicates under (its replica is ``NAME.img``)."""
+    return f"{guest}-disk{index}"
+
+
+def guest_of_disk(name: str) -> str:
+    return name.rpartition("-disk")[0] or name
+
+
+@final
 class BackupDisks:
-    """The backup's disk replicas: one receiver per disk stream, the latest serving."""
+    """The backup's disk replicas: one receiver per disk stream, by disk name.
+
+    A disk stream comes before its guest's memory stream (its replica is made equal
+    to the image first); the memory session then finds it by the guest's name
+    (``for_guest``). ``admit(guest)`` may refuse a disk whose guest is busy here.
+    """
 
     def __init__(self, state_dir: str, hub: EventHub, *, secret: bytes | None,
-                 timeout: float) -> None:
+                 timeout: float, admit: Callable[[str], str | None] | None = None) -> None:
         self._state_dir = state_dir
         self._hub = hub
         self._secret = secret
         self._timeout = timeout
-        self.receiver: DiskReceiver | None = None
-        hub.add_callback(self._on_event)
+        self._admit = admit
+        self.receivers: dict[str, DiskReceiver] = {}
 
-    def _on_event(self, event: Event) -> None:
-        if isinstance(event, CheckpointApplied) and self.receiver is not None:
-            self.receiver.memory_applied(event.epoch)
+    async def serve(self, stream: trio.abc.Stream, prefix: bytes) -> DiskReceiver:
+        """Serve one disk stream until it ends; returns its receiver (``lost`` says why)."""
+        receiver: DiskReceiver
 
-    async def serve(self, stream: trio.abc.Stream, prefix: bytes) -> None:
+        def guest() -> str:
+            return guest_of_disk(receiver.name or "")
+
         def durable(epoch: int, writes: int, nbytes: int, durable_us: float) -> None:
             self._hub.emit(DiskEpochDurable(epoch=epoch, writes=writes, bytes=nbytes,
-                                            durable_us=round(durable_us, 1)))
+                                            durable_us=round(durable_us, 1), guest=guest()))
 
         def applied(epoch: int, writes: int, nbytes: int) -> None:
-            self._hub.emit(DiskEpochApplied(epoch=epoch, writes=writes, bytes=nbytes))
+            self._hub.emit(DiskEpochApplied(epoch=epoch, writes=writes, bytes=nbytes,
+                                            guest=guest()))
+
+        def admit(name: str) -> str | None:
+            refusal = self._admit(guest_of_disk(name)) if self._admit is not None else None
+            if refusal is None:
+                previous = self.receivers.get(name)
+                if previous is not None:
+                    previous.close()
+                self.receivers[name] = receiver  # the latest stream of a disk serves it
+            return refusal
 
         receiver = DiskReceiver(self._state_dir, secret=self._secret, on_durable=durable,
-                                on_applied=applied)
-        self.receiver = receiver
-        try:
-            await receiver.serve(stream, prefix)
-        finally:
-            if self.receiver is not receiver:
-                receiver.close()
+                                on_applied=applied, admit=admit)
+        await receiver.serve(stream, prefix)
+        return receiver
+
+    def for_guest(self, guest: str, hub: EventHub) -> GuestDisks:
+        """The disks of ``guest``, for its memory session (whose events go to ``hub``)."""
+        return GuestDisks(self, guest, hub)
+
+    def forget(self, guest: str) -> None:
+        """``guest``'s protection ended here: close its receivers (the images stay)."""
+        name = disk_name(guest)
+        receiver = self.receivers.pop(name, None)
+        if receiver is not None:
+            receiver.close()
+
+
+@final
+class GuestDisks:
+    """One guest's replicated disks, as its memory session sees them."""
+
+    def __init__(self, disks: BackupDisks, guest: str, hub: EventHub) -> None:
+        self._disks = disks
+        self._name = disk_name(guest)
+        self._timeout = disks._timeout
+        hub.add_callback(self._on_event)
+
+    @property
+    def receiver(self) -> DiskReceiver | None:
+        return self._disks.receivers.get(self._name)
+
+    def _on_event(self, event: Event) -> None:
+        receiver = self.receiver
+        if isinstance(event, CheckpointApplied) and receiver is not None:
+            receiver.memory_applied(event.epoch)
 
     async def apply_gate(self, epoch: int) -> bool:
         """Memory checkpoint ``epoch`` waits for disk epoch ``epoch`` to be durable; if

@@ -17,7 +17,7 @@ run. ``events(hub)`` turns a session's events into an asyncio async iterator.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import trio
@@ -63,8 +63,11 @@ async def run(async_fn: Callable[..., Awaitable[T]], *args: Any) -> T:
     return outcome.unwrap()  # type: ignore[no-any-return]
 
 
-async def events(hub: EventHub, maxsize: int = 0) -> AsyncIterator[Event]:
-    """Iterate a hub's events from asyncio (the hub lives in the Trio guest run)."""
+async def events(hub: EventHub, maxsize: int = 0) -> AsyncGenerator[Event, None]:
+    """Iterate a hub's events from asyncio (the hub lives in the Trio guest run).
+
+    It stops listening to the hub when closed: ``async with
+    contextlib.aclosing(events(hub)) as it`` when breaking out of the loop early."""
     queue: asyncio.Queue[Event] = asyncio.Queue(maxsize)
     remove = hub.add_callback(queue.put_nowait)
     try:

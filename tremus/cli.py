@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import math
 import os
 import signal
@@ -11,26 +13,25 @@ import socket
 import ssl
 import sys
 import uuid
-from collections.abc import Callable, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, final
 
 import trio
 
 from tremus import transports
-from tremus._diskwiring import BackupDisks, open_disk_replication, sniff
 from tremus._groups import collapse_groups
 from tremus._output import EventPrinter
-from tremus._wiring import NETBUF_KINDS, NetbufError, open_console, open_netbuf
-from tremus.buffers.blockremus import BlockRemusDevice
-from tremus.buffers.diskrep import DiskReplicationError
-from tremus.domains.base import Domain, DomainError
+from tremus._protector import ProtectionError, Protector, ProtectPlan, TlsFiles, ssl_context, url_of
+from tremus._service import BackupService
+from tremus._wiring import NETBUF_KINDS
+from tremus.control import ControlError, Handler, add_ctl_parser, serve_control
+from tremus.domains.base import Domain, DomainError, guest_name
 from tremus.domains.registry import create_domain
-from tremus.engine.backup import BackupOutcome, BackupSession, Fence, FencingFailed
+from tremus.engine.backup import BackupOutcome, Fence, FencingFailed
 from tremus.engine.config import ConfigError, ProtectionConfig
-from tremus.engine.devices import CheckpointDevice, DeviceError
+from tremus.engine.devices import DeviceError
 from tremus.engine.events import BackupReady, Console, DomainStarted, DomainStopped, EventHub
 from tremus.engine.ownership import Ownership
-from tremus.engine.primary import BackupLostError, PrimarySession
 from tremus.metrics import Metrics, serve_metrics
 
 __all__ = ["main"]
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="e.g. microvm:workload=counter,memory=16M")
     _disk_option(run)
     run.add_argument("--duration", type=_duration, metavar="S", help="stop after S seconds")
+    _control_option(run)
     run.add_argument("--json", action="store_true", help="one JSON object per line")
     run.set_defaults(handler=cmd_run)
 
@@ -86,8 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default /var/lib/tremus)")
     _tls_options(backup, "this backup's certificate (required to listen on tls://)",
                  "CA the primary's certificate must be signed by (mutual TLS)")
+    backup.add_argument("--once", action="store_true",
+                        help="serve one primary, then exit (after its guest stops, if it "
+                             "failed over here); exit 1 if it was refused")
+    backup.add_argument("--reprotect-to", metavar="HOST:PORT",
+                        help="protect a guest that fails over here to this backup (failback), "
+                             "retrying every 2 s until one answers")
+    backup.add_argument("--reprotect-interval", type=float, default=50.0, metavar="MS",
+                        help="checkpoint interval of that protection (default 50)")
     backup.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    _control_option(backup)
     backup.add_argument("--json", action="store_true", help="one JSON object per line")
     backup.set_defaults(handler=cmd_backup)
 
@@ -150,9 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--duration", type=_duration, metavar="S", help="stop after S seconds")
     protect.add_argument("--metrics", metavar="HOST:PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    _control_option(protect)
     protect.add_argument("--json", action="store_true", help="one JSON object per line")
     protect.set_defaults(handler=cmd_protect)
+    add_ctl_parser(sub)
     return parser
+
+
+def _control_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--control", metavar="PATH",
+                        help="serve a control socket at PATH (JSON lines; `tremus ctl PATH "
+                             "status|stop-protection|protect|stop|events`)")
 
 
 def _disk_option(parser: argparse.ArgumentParser) -> None:
@@ -223,10 +242,7 @@ def _ownership_for(args: argparse.Namespace) -> Callable[[str], Ownership] | Non
 
 
 def _arbiter_key(args: argparse.Namespace, domain: Domain) -> str:
-    if args.arbiter_key:
-        return str(args.arbiter_key)
-    config = dict(getattr(domain, "config", {}) or {})
-    return str(config.get("name") or config.get("mac") or "guest").replace(":", "-")
+    return str(getattr(args, "arbiter_key", None) or guest_name(domain.config))
 
 
 def _tls_options(parser: argparse.ArgumentParser, cert_help: str, ca_help: str) -> None:
@@ -235,27 +251,20 @@ def _tls_options(parser: argparse.ArgumentParser, cert_help: str, ca_help: str) 
     parser.add_argument("--tls-ca", metavar="PEM", help=ca_help)
 
 
+
 def _ssl_context(args: argparse.Namespace, url: str, *, server: bool) -> ssl.SSLContext | None:
-    if not url.startswith("tls://"):
-        if args.tls_cert or args.tls_ca:
-            raise UsageError("--tls-cert/--tls-ca need a tls:// address")
-        return None
-    for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key),
-                         ("--tls-ca", args.tls_ca)):
-        if path and not os.path.isfile(path):
-            raise UsageError(f"{option} {path}: no such file")
     try:
-        if server:
-            if not args.tls_cert:
-                raise UsageError("listening on tls:// needs --tls-cert (and --tls-key)")
-            return transports.server_context(args.tls_cert, args.tls_key, args.tls_ca)
-        return transports.client_context(args.tls_ca, args.tls_cert, args.tls_key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"TLS setup: {exc}") from None
+        return ssl_context(_tls_files(args), url, server=server)
+    except ProtectionError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _tls_files(args: argparse.Namespace) -> TlsFiles:
+    return TlsFiles(args.tls_cert, args.tls_key, args.tls_ca)
 
 
 def _url(address: str) -> str:
-    return address if "://" in address else f"tcp://{address}"
+    return url_of(address)
 
 
 def _protection_config(args: argparse.Namespace, **extra: object) -> ProtectionConfig:
@@ -296,57 +305,153 @@ def command_fence(command: str, timeout: float) -> Fence:
     return fence
 
 
+@final
+class _Stop:
+    """Why and when this command stops: a signal, ``--duration``, the control socket.
+
+    SIGTERM and SIGINT mean the same for every command: stop gracefully. Protection
+    ends with END (no backup fails over because of it), a guest this process runs
+    stops, a backup ends every protection it serves. A second signal exits at once.
+    """
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.reason = ""
+
+    def set(self, reason: str) -> None:
+        if not self.event.is_set():
+            self.reason = reason
+            self.event.set()
+
+    async def watch(self, duration: float | None) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with trio.move_on_after(math.inf if duration is None else duration):
+                async for signum in signals:
+                    if self.event.is_set():
+                        print(f"tremus: {signal.Signals(signum).name} again: exiting now",
+                              file=sys.stderr)
+                        os._exit(128 + signum)
+                    self.set(f"stopped by {signal.Signals(signum).name}")
+            self.set("duration elapsed")
+            async for signum in signals:
+                print(f"tremus: {signal.Signals(signum).name} again: exiting now",
+                      file=sys.stderr)
+                os._exit(128 + signum)
+
+
+async def _start_control(nursery: trio.Nursery, args: argparse.Namespace, hub: EventHub,
+                         role: str, commands: Mapping[str, Handler]) -> None:
+    if not getattr(args, "control", None):
+        return
+    try:
+        await nursery.start(functools.partial(serve_control, args.control, commands, hub,
+                                              role=role))
+    except (ControlError, OSError) as exc:
+        raise UsageError(f"--control {args.control}: {exc}") from None
+
+
+def _arg(request: Mapping[str, Any], name: str) -> str | None:
+    value = request.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ControlError(f"{name} must be a string")
+    return value
+
+
 async def cmd_backup(args: argparse.Namespace) -> int:
     config = _protection_config(args)
     _check_arbiter(args)
+    failback = None
+    if args.reprotect_to:
+        if args.arbiter:
+            raise UsageError("--reprotect-to with --arbiter is not supported yet: protect the "
+                             "guest again with `tremus ctl ... protect` once the arbiter "
+                             "released it")
+        failback = ProtectPlan(
+            backup=args.reprotect_to, reprotect=2.0, tls=_tls_files(args),
+            config=_protection_config(args, interval_ms=args.reprotect_interval))
+        _ssl_context(args, _url(args.reprotect_to), server=False)
     hub = EventHub()
-    hub.add_callback(EventPrinter(args.json))
-    host = socket.gethostname()
+    printer = EventPrinter(args.json)
+    hub.add_callback(printer)
     try:
         url = _url(args.listen)
         listener = await transports.listen(url, ssl_context=_ssl_context(args, url, server=True))
     except transports.InvalidURL as exc:
         raise UsageError(str(exc)) from None
-    disks = BackupDisks(args.state_dir, hub, secret=config.auth_secret,
-                        timeout=config.heartbeat_timeout_ms / 1000 * 10)
+    service = BackupService(
+        listener, config=config, hub=hub, state_dir=args.state_dir,
+        fence=command_fence(args.fence, args.fence_timeout) if args.fence else None,
+        fence_timeout=args.fence_timeout, ownership_for=_ownership_for(args), once=args.once,
+        failback=failback)
+    stop = _Stop()
+
+    async def status(request: Mapping[str, Any]) -> dict[str, Any]:
+        return service.status()
+
+    async def stop_protection(request: Mapping[str, Any]) -> dict[str, Any]:
+        guest = service.guest(_arg(request, "guest"))
+        why = "protection stopped through the backup's control socket"
+        if guest.state == "running" and guest.protector is not None:
+            if not guest.protector.active:
+                raise ControlError(f"guest {guest.name!r} is not protected")
+            guest.protector.stop(why)
+            with trio.move_on_after(30):
+                await guest.protector.finished.wait()
+        elif guest.session is not None:
+            guest.session.stop(why)
+        return {"guest": guest.name, "stopped": True}
+
+    async def protect(request: Mapping[str, Any]) -> dict[str, Any]:
+        backup = _arg(request, "backup")
+        if not backup:
+            raise ControlError("protect needs a backup (HOST:PORT)")
+        plan = failback or ProtectPlan(backup=backup, tls=_tls_files(args),
+                                       config=_protection_config(args))
+        guest = service.protect(_arg(request, "guest"),
+                                dataclasses.replace(plan, backup=backup, retry_first=False))
+        return {"operation": "protect", "guest": guest.name, "backup": backup}
+
+    async def stop_guest(request: Mapping[str, Any]) -> dict[str, Any]:
+        name = _arg(request, "guest")
+        if not name:
+            stop.set("stopped through the control socket")
+            return {"stopping": True}
+        guest = service.guest(name)
+        if guest.session is not None:
+            guest.session.stop("stopped through the backup's control socket")
+        return {"guest": guest.name, "stopping": True}
+
     async with trio.open_nursery() as nursery, listener:
         await _start_metrics(nursery, args, hub, "backup")
+        await _start_control(nursery, args, hub, "backup", {
+            "status": status, "stop-protection": stop_protection, "protect": protect,
+            "stop": stop_guest})
+        served = trio.Event()
+
+        async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await service.run(task_status=task_status)
+            finally:
+                served.set()
+            stop.set("served its one primary (--once)")
+
+        await nursery.start(serve)
         hub.emit(BackupReady(listen=listener.url))
-        memory: list[trio.abc.Stream] = []
-        connected = trio.Event()
-
-        async def sort(stream: trio.abc.Stream) -> None:
-            # Disk streams (one per protected disk) come beside the memory stream.
-            is_disk, prefix, stream = await sniff(stream)
-            if is_disk:
-                await disks.serve(stream, prefix)
-            elif not memory:
-                memory.append(stream)
-                connected.set()
-            else:
-                await stream.aclose()  # one primary at a time
-
-        async def accept() -> None:
-            while True:
-                nursery.start_soon(sort, await listener.accept())
-
-        nursery.start_soon(accept)
-        await connected.wait()
-        session = BackupSession(memory[0], config=config, hub=hub,
-                                console=lambda line: hub.emit(Console(line=line, host=host)),
-                                fence=command_fence(args.fence, args.fence_timeout)
-                                if args.fence else None, fence_timeout=args.fence_timeout,
-                                ownership_for=_ownership_for(args),
-                                apply_gate=disks.apply_gate,
-                                prepare_failover=disks.prepare_failover)
-        outcome = await session.run()
+        nursery.start_soon(stop.watch, None)
+        await stop.event.wait()
+        service.stop(stop.reason)
+        await served.wait()  # every primary told, every guest here stopped
         nursery.cancel_scope.cancel()
-    return 0 if outcome is not BackupOutcome.REFUSED else 1
+
+    printer.close()
+    if args.once and service.outcome in (BackupOutcome.REFUSED, BackupOutcome.REJECTED):
+        return 1
+    return 0
 
 
 async def _start_metrics(nursery: trio.Nursery, args: argparse.Namespace, hub: EventHub,
                          role: str) -> None:
-    if not args.metrics:
+    if not getattr(args, "metrics", None):
         return
     host, _, port = args.metrics.rpartition(":")
     if not port.isdigit():
@@ -360,18 +465,6 @@ async def _start_metrics(nursery: trio.Nursery, args: argparse.Namespace, hub: E
                          f"{exc.strerror or exc}") from None
 
 
-async def _until_done(duration: float | None) -> str:
-    """Until ``duration`` elapses or SIGTERM/SIGINT arrives; the reason, for events.
-
-    A signal stops things gracefully: a protected domain's backup is told (END) and
-    does not fail over, as when a service manager stops the primary.
-    """
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        with trio.move_on_after(math.inf if duration is None else duration):
-            async for signum in signals:
-                return f"stopped by {signal.Signals(signum).name}"
-    return "duration elapsed"
-
 
 async def cmd_protect(args: argparse.Namespace) -> int:
     if not args.blackhole and not args.backup:
@@ -384,52 +477,104 @@ async def cmd_protect(args: argparse.Namespace) -> int:
     if args.no_disk_replication and not args.unsafe:
         raise UsageError("--no-disk-replication leaves the backup without the guest's disk "
                          "writes; add --unsafe if it is replicated by other means")
+    spec, disk_target = _with_disk(args)
+    plan = ProtectPlan(
+        backup=None if args.blackhole else args.backup, config=config, netbuf=args.netbuf,
+        nfqueue_num=args.nfqueue_num, unsafe=args.unsafe, disk_target=disk_target,
+        disk_fifo=args.disk_fifo, replicate_disk=not args.no_disk_replication,
+        run_dir=args.run_dir, reprotect=args.reprotect, ownership_for=_ownership_for(args),
+        arbiter_key=args.arbiter_key, tls=_tls_files(args))
+    if plan.backup is not None:
+        _ssl_context(args, _url(plan.backup), server=False)
+    return await _run_guest(args, spec, plan, "primary")
+
+
+async def cmd_run(args: argparse.Namespace) -> int:
+    spec, _ = _with_disk(args)
+    return await _run_guest(args, spec, None, "run")
+
+
+async def _run_guest(args: argparse.Namespace, spec: str, plan: ProtectPlan | None,
+                     role: str) -> int:
+    """Run a guest here until stopped, protected per ``plan`` (and the control socket)."""
     hub = EventHub()
-    hub.add_callback(EventPrinter(args.json))
+    printer = EventPrinter(args.json)
+    hub.add_callback(printer)
     host = socket.gethostname()
-    spec, args.disk_target = _with_disk(args)
     domain = create_domain(spec, console=lambda line: hub.emit(Console(line=line, host=host)))
-    halted = ""
+    protector = Protector(domain, hub)
+    stop = _Stop()
+    base_plan = plan or ProtectPlan(backup=None)
     async with trio.open_nursery() as nursery:
+
+        async def run_protection(chosen: ProtectPlan) -> None:
+            with contextlib.suppress(ProtectionError, OSError):  # reported as an event
+                await protector.run(chosen)
+            if protector.halt_reason:
+                stop.set(protector.halt_reason)
+
+        async def status(request: Mapping[str, Any]) -> dict[str, Any]:
+            return {"role": role, "host": host, "guest": protector.guest, "domain": spec,
+                    "running": not stop.event.is_set(), **protector.status()}
+
+        async def stop_protection(request: Mapping[str, Any]) -> dict[str, Any]:
+            if not protector.active:
+                raise ControlError("the guest is not protected")
+            protector.stop("protection stopped through the control socket")
+            with trio.move_on_after(30):
+                await protector.finished.wait()
+            return {"stopped": True}
+
+        async def protect(request: Mapping[str, Any]) -> dict[str, Any]:
+            backup = _arg(request, "backup") or base_plan.backup
+            if not backup:
+                raise ControlError("protect needs a backup (HOST:PORT)")
+            if protector.active:
+                raise ControlError(f"the guest is already protected to "
+                                   f"{protector.status()['backup']}")
+            nursery.start_soon(run_protection, dataclasses.replace(base_plan, backup=backup))
+            return {"operation": "protect", "backup": backup}
+
+        async def stop_guest(request: Mapping[str, Any]) -> dict[str, Any]:
+            stop.set("stopped through the control socket")
+            return {"stopping": True}
+
         # Everything that can be checked here is, before the backup is contacted.
-        await _start_metrics(nursery, args, hub, "primary")
-        stream = await _connect_backup(args)
+        await _start_metrics(nursery, args, hub, role)
+        await _start_control(nursery, args, hub, role, {
+            "status": status, "stop-protection": stop_protection, "protect": protect,
+            "stop": stop_guest})
+        stream = None
+        if plan is not None and plan.backup is not None:
+            stream = await _connect_backup(args)
         hub.emit(DomainStarted(domain=spec, ram_bytes=domain.geometry.ram_size, host=host))
         await nursery.start(domain.run)
-        done = trio.Event()
-        reason = "duration elapsed"
+        nursery.start_soon(stop.watch, args.duration)
+        if plan is not None:
+            try:
+                await nursery.start(functools.partial(protector.run, plan, stream=stream))
+            except ProtectionError as exc:
+                domain.stop()
+                raise UsageError(str(exc)) from None
 
-        async def watch() -> None:
-            nonlocal reason
-            reason = await _until_done(args.duration)
-            done.set()
+            async def until_halted() -> None:
+                await protector.finished.wait()
+                if protector.halt_reason:
+                    stop.set(protector.halt_reason)
 
-        nursery.start_soon(watch)
-        while True:
-            session = await _protect_once(args, domain, stream, config, hub, done,
-                                          lambda: reason)
-            if session.halted.is_set():
-                halted = session.halt_reason
-                break
-            if not session.lost.is_set() or done.is_set() or args.reprotect is None:
-                await done.wait()
-                break
-            # The backup is gone and the guest runs unprotected: keep trying to
-            # protect it again (a new session, starting with a full checkpoint).
-            stream = None
-            while stream is None and not done.is_set():
-                with trio.move_on_after(args.reprotect):
-                    await done.wait()
-                if not done.is_set():
-                    with contextlib.suppress(OSError):
-                        stream = await _connect_backup(args)
-            if done.is_set():
-                break
+            nursery.start_soon(until_halted)
+        await stop.event.wait()
+        if protector.active:
+            protector.stop(stop.reason)
+            with trio.move_on_after(30):
+                await protector.finished.wait()
         domain.stop()
         nursery.cancel_scope.cancel()
-    hub.emit(DomainStopped(reason=halted or reason, host=host))
-    if halted:
-        print(f"tremus: error: the guest was stopped here: {halted}", file=sys.stderr)
+    hub.emit(DomainStopped(reason=stop.reason, host=host))
+    printer.close()
+    if protector.halt_reason:
+        print(f"tremus: error: the guest was stopped here: {protector.halt_reason}",
+              file=sys.stderr)
         return 1
     return 0
 
@@ -444,95 +589,6 @@ async def _connect_backup(args: argparse.Namespace) -> trio.abc.Stream | None:
         raise UsageError(str(exc)) from None
 
 
-async def _protect_once(args: argparse.Namespace, domain: Domain,
-                        stream: trio.abc.Stream | None, config: ProtectionConfig,
-                        hub: EventHub, done: trio.Event, reason: Callable[[], str]
-                        ) -> PrimarySession:
-    """One protection session, until ``done``, the loss of the backup, or a halt."""
-    ownership_for = _ownership_for(args)
-    async with AsyncExitStack() as stack:
-        # The buffers' own nurseries open before ours and close after it.
-        try:
-            devices = await open_netbuf(args.netbuf, domain, stack, unsafe=args.unsafe,
-                                        queue_num=args.nfqueue_num)
-        except NetbufError as exc:
-            raise UsageError(str(exc)) from None
-        devices = [*await _disk_devices(args, domain, stack, config, hub), *devices,
-                   *open_console(domain, unsafe=args.unsafe)]
-        session = PrimarySession(
-            domain, stream, config=config, hub=hub, devices=devices,
-            backup_name="blackhole" if args.blackhole else args.backup,
-            ownership=ownership_for(_arbiter_key(args, domain)) if ownership_for else None)
-        async with trio.open_nursery() as nursery:
-            try:
-                await nursery.start(session.run)
-            except BackupLostError as exc:
-                if args.reprotect is not None and stream is not None \
-                        and session.epochs_acked == 0:
-                    session.lost.set()
-                    return session  # a backup that refused us now may accept later
-                raise UsageError(f"cannot protect: {exc}") from None
-
-            async def until(event: trio.Event, scope: trio.CancelScope) -> None:
-                await event.wait()
-                scope.cancel()
-
-            with trio.CancelScope() as waiting:
-                async with trio.open_nursery() as watchers:
-                    watchers.start_soon(until, done, waiting)
-                    watchers.start_soon(until, session.lost, waiting)
-                    watchers.start_soon(until, session.stopped, waiting)
-            lost = session.lost.is_set() and not done.is_set()
-            session.stop("backup lost; protecting again" if lost else reason())
-            await session.stopped.wait()
-    return session
-
-
-async def _disk_devices(args: argparse.Namespace, domain: Domain, stack: AsyncExitStack,
-                        config: ProtectionConfig, hub: EventHub) -> list[CheckpointDevice]:
-    """The block-remus device of this session's disk (and what serves its fifo)."""
-    timeout = config.heartbeat_timeout_ms / 1000 * 10
-    if args.disk_fifo:
-        return [BlockRemusDevice(args.disk_fifo, timeout=timeout)]
-    if args.blackhole or args.no_disk_replication or getattr(domain, "disk", None) is None:
-        return []
-    address = args.disk_target or _host_port(args.backup)
-    url = _url(args.backup) if args.disk_target is None else f"tcp://{address[0]}:{address[1]}"
-    if args.disk_target is not None and args.backup.startswith("tls://"):
-        url = f"tls://{address[0]}:{address[1]}"
-
-    async def connect() -> trio.abc.Stream:
-        return await transports.connect(url, ssl_context=_ssl_context(args, url, server=False))
-
-    try:
-        return await open_disk_replication(
-            domain, stack, connect=connect, target=address,
-            name=f"{_arbiter_key(args, domain)}-disk0", secret=config.auth_secret,
-            run_dir=args.run_dir, timeout=timeout, hub=hub)
-    except (OSError, DiskReplicationError) as exc:
-        raise UsageError(f"disk replication to {url}: {exc}") from None
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    parsed = transports.parse_url(_url(address))
-    return parsed.host or "localhost", parsed.port or 0
-
-
-async def cmd_run(args: argparse.Namespace) -> int:
-    hub = EventHub()
-    hub.add_callback(EventPrinter(args.json))
-    host = socket.gethostname()
-    spec, _ = _with_disk(args)
-    domain = create_domain(spec, console=lambda line: hub.emit(Console(line=line, host=host)))
-    async with trio.open_nursery() as nursery:
-        hub.emit(DomainStarted(domain=spec, ram_bytes=domain.geometry.ram_size, host=host))
-        await nursery.start(domain.run)
-        reason = await _until_done(args.duration)
-        domain.stop()
-    hub.emit(DomainStopped(reason=reason, host=host))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -541,7 +597,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return trio.run(args.handler, args)
     except KeyboardInterrupt:
         return 130
-    except (DomainError, UsageError, OSError, DeviceError) as exc:
+    except (DomainError, UsageError, OSError, DeviceError, ControlError,
+            ProtectionError) as exc:
         print(f"tremus: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, UsageError | DomainError) else 1
 

@@ -338,8 +338,12 @@ class DiskReceiver:
 
     def __init__(self, state_dir: str | os.PathLike[str], *, secret: bytes | None = None,
                  on_durable: Callable[[int, int, int, float], None] | None = None,
-                 on_applied: Callable[[int, int, int], None] | None = None) -> None:
+                 on_applied: Callable[[int, int, int], None] | None = None,
+                 admit: Callable[[str], str | None] | None = None) -> None:
         self._dir = Path(state_dir)
+        self._admit = admit
+        #: The disk's name (from the primary's HELLO): its replica is ``NAME.img``.
+        self.name: str | None = None
         self._conn = d.DiskConnection("backup", secret=secret)
         self._pending: dict[int, _Pending] = {}
         self._durable_through = -1
@@ -400,6 +404,12 @@ class DiskReceiver:
     async def _welcome(self, stream: trio.abc.Stream, hello: d.Hello) -> None:
         if not hello.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
             raise DiskReplicationError(f"bad disk name {hello.name!r}")
+        refusal = self._admit(hello.name) if self._admit is not None else None
+        if refusal is not None:
+            for part in self._conn.send(d.End(refusal)):
+                await stream.send_all(part)
+            raise DiskReplicationError(f"refused disk {hello.name}: {refusal}")
+        self.name = hello.name
         self._dir.mkdir(parents=True, exist_ok=True)
         self.image = self._dir / f"{hello.name}.img"
         fd = os.open(self.image, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

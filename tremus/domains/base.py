@@ -13,7 +13,10 @@ from typing import Any, Protocol, runtime_checkable
 
 import trio
 
-__all__ = ["Domain", "DomainDriver", "DomainError", "Geometry", "ConsoleSink"]
+__all__ = [
+    "ConsoleSink", "Domain", "DomainDriver", "DomainError", "Geometry", "guest_name",
+    "valid_guest_name",
+]
 
 ConsoleSink = Callable[[str], None]
 
@@ -95,3 +98,17 @@ class DomainDriver(Protocol):
         console: ConsoleSink | None = None,
     ) -> Domain:
         """A new, not yet running domain from a RAM image and saved state."""
+
+
+def valid_guest_name(name: str) -> bool:
+    """A name that is safe as a file name and a metrics label."""
+    return (0 < len(name) <= 64 and not name.startswith(".")
+            and name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+            and name.isascii())
+
+
+def guest_name(config: Mapping[str, Any]) -> str:
+    """How a guest is named where several meet (a backup service, an arbiter, disk
+    replicas): its ``name=``, else its MAC, else ``guest``."""
+    name = config.get("name") or str(config.get("mac") or "").replace(":", "-")
+    return str(name or "guest")

@@ -85,6 +85,10 @@ ApplyGate = Callable[[int], Awaitable[bool]]
 #: checkpoint ``epoch``; returns the domain configuration to rebuild it with here.
 PrepareFailover = Callable[[int, Mapping[str, Any]], Mapping[str, Any]]
 
+#: ``admit(hello)``: None to accept this primary, else why it is refused (a backup
+#: service refuses a guest whose name it already holds).
+Admit = Callable[[p.Hello], str | None]
+
 
 class PrimaryFailed(Exception):
     """The primary is gone (or broke the protocol); the message says how."""
@@ -98,7 +102,8 @@ class ReplicaDiverged(PrimaryFailed):
 class BackupOutcome(enum.Enum):
     ENDED = "ended"  # the primary stopped protection gracefully
     FAILED_OVER = "failed_over"  # the domain now runs here
-    REFUSED = "refused"  # the primary failed before a complete checkpoint
+    REFUSED = "refused"  # the primary failed before a complete checkpoint, or may not be replaced
+    REJECTED = "rejected"  # never a protection session: no valid, acceptable HELLO
 
 
 @final
@@ -124,6 +129,7 @@ class BackupSession:
         apply_gate: awaited before each checkpoint is applied (a replicated disk
             holds memory checkpoint N until disk epoch N is durable here).
         prepare_failover: called before the domain is rebuilt here.
+        admit: asked whether to accept the primary once its HELLO is valid.
     """
 
     def __init__(
@@ -139,6 +145,7 @@ class BackupSession:
         ownership_for: OwnershipFactory | None = None,
         apply_gate: ApplyGate | None = None,
         prepare_failover: PrepareFailover | None = None,
+        admit: Admit | None = None,
     ) -> None:
         self.config = config or ProtectionConfig()
         self.events = hub or EventHub()
@@ -151,6 +158,13 @@ class BackupSession:
         self._apply_gate = apply_gate
         self._frozen = False
         self._prepare_failover = prepare_failover
+        self._admit = admit
+        self._stop = trio.Event()
+        self._stop_reason = ""
+        #: Why the connection never became a protection session (``REJECTED``).
+        self.rejected_reason = ""
+        #: Set once WELCOME was sent: from then on this session holds a replica.
+        self.accepted = trio.Event()
         self._conn = p.BackupConnection(secret=self.config.auth_secret)
         timeout = self.config.heartbeat_timeout_ms / 1000
         self._link = Link(self._conn, stream, PrimaryFailed, "primary",
@@ -176,6 +190,19 @@ class BackupSession:
         self.failover: Operation[FailoverComplete] = Operation("failover", self.events)
 
     @property
+    def hello(self) -> p.Hello | None:
+        """The primary's HELLO, once received."""
+        return self._hello
+
+    def stop(self, reason: str = "the backup is stopping") -> None:
+        """End gracefully: the primary is told (END) and goes on unprotected, the
+        replica is discarded; after a failover, the guest running here stops."""
+        self._stop_reason = reason
+        self._stop.set()
+        if self.domain is not None:
+            self.domain.stop()
+
+    @property
     def replica(self) -> memoryview | None:
         return None if self._replica is None else memoryview(self._replica)
 
@@ -191,7 +218,13 @@ class BackupSession:
             reason = await self._serve()
         except PrimaryFailed as exc:
             reason = str(exc)
-            # Whatever was already on its way may still finish a checkpoint.
+            if not self.accepted.is_set():
+                # Not a protection session yet (garbage, a wrong secret, a refused
+                # HELLO): there is no replica to speak of.
+                self.rejected_reason = reason
+                self.failover.fail(RuntimeError(reason))
+                task_status.started(BackupOutcome.REJECTED)
+                return BackupOutcome.REJECTED
         else:
             if reason is None:
                 self.failover.fail(RuntimeError("the primary ended protection: no failover"))
@@ -214,6 +247,7 @@ class BackupSession:
         with collapse_groups(PrimaryFailed):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stalls.run)
+                nursery.start_soon(self._until_stopped, nursery.cancel_scope)
                 result = await self._handshake()
                 if result is not None:
                     return result
@@ -222,6 +256,13 @@ class BackupSession:
                     return await self._receive_loop()
                 finally:
                     nursery.cancel_scope.cancel()
+
+    async def _until_stopped(self, serving: trio.CancelScope) -> None:
+        """``stop()``: say END and stop serving (``_serve`` then returns None)."""
+        await self._stop.wait()
+        with trio.move_on_after(1), contextlib.suppress(*_IO_ERRORS, PrimaryFailed):
+            await self._link.send(p.End(self._stop_reason))
+        serving.cancel()
 
     async def _handshake(self) -> str | None:
         try:
@@ -234,6 +275,8 @@ class BackupSession:
                     await self._link.stream.send_all(  # type: ignore[union-attr]
                         p.encode_frame(p.End(str(exc.__cause__))))
             raise
+        if isinstance(event, p.ConnectionClosed):
+            raise PrimaryFailed("the peer closed the connection before sending HELLO")
         if not isinstance(event, p.Hello):
             raise PrimaryFailed(f"expected HELLO, got {type(event).__name__}")
         try:
@@ -241,6 +284,10 @@ class BackupSession:
         except DomainError as exc:
             await self._link.send(p.End(f"cannot rebuild this domain here: {exc}"))
             raise PrimaryFailed(f"refused the primary: {exc}") from None
+        refusal = self._admit(event) if self._admit is not None else None
+        if refusal is not None:
+            await self._link.send(p.End(refusal))
+            raise PrimaryFailed(f"refused the primary: {refusal}")
         self._hello = event
         if self._ownership_for is not None and not event.arbiter_key:
             reason = "this backup decides failover with an arbiter; give the primary --arbiter"
@@ -267,6 +314,7 @@ class BackupSession:
             self._ownership = self._ownership_for(event.arbiter_key)
             standby = self._ownership.me
         self._heard_by_primary = trio.current_time()
+        self.accepted.set()
         await self._link.send(p.Welcome(
             features=features, standby=standby, takeover_ms=round(self.takeover_window * 1000),
             timeout_ms=round(self.config.heartbeat_timeout_ms)))

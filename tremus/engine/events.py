@@ -34,11 +34,16 @@ class Event:
 
     name: ClassVar[str] = "event"
     time: float = field(default_factory=time.time)
+    #: The guest the event is about, where one process serves several (a backup
+    #: service); empty otherwise, and then left out of the JSON.
+    guest: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"event": self.name}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "guest" and not value:
+                continue
             if isinstance(value, float) and not math.isfinite(value):
                 value = None
             data[f.name] = value

@@ -102,6 +102,9 @@ class _Inflight:
     sent_at: float
     #: When its last byte was handed to the transport (0: still sending).
     sent_done: float = 0.0
+    #: Its ``checkpoint_sent`` is out (by the sending task, or by the ACK's handler
+    #: when the ACK is read before the sending task runs again).
+    announced: bool = False
 
 
 @final
@@ -484,8 +487,17 @@ class PrimarySession:
 
         await self._link.send_parts(frames())
         record.sent_done = trio.current_time()
-        self.events.emit(CheckpointSent(epoch=epoch, dirty_pages=count,
-                                        bytes_sent=record.bytes_sent, pause_us=round(pause_us, 1)))
+        self._announce_sent(record)
+
+    def _announce_sent(self, record: _Inflight) -> None:
+        """``checkpoint_sent``, once: the ACK's handler emits it first if the ACK was
+        read before the sending task came back (the byte count is complete by then)."""
+        if record.announced:
+            return
+        record.announced = True
+        self.events.emit(CheckpointSent(epoch=record.epoch, dirty_pages=record.dirty_pages,
+                                        bytes_sent=record.bytes_sent,
+                                        pause_us=round(record.pause_us, 1)))
 
     def _silence_timeout(self) -> float:
         """How long the backup may be silent. Until it has acknowledged the first
@@ -498,6 +510,9 @@ class PrimarySession:
         record = self._inflight.pop(epoch, None)
         if record is None:
             raise BackupLostError(f"ACK for epoch {epoch}, which is not in flight")
+        # The backup has the whole checkpoint: it was sent, whether or not the sending
+        # task has come back to say so. Events go sent, acked, released.
+        self._announce_sent(record)
         if self._ownership is not None:
             await self._while_owner()
         self._last_acked_sent_at = max(self._last_acked_sent_at, record.sent_at)
@@ -507,8 +522,6 @@ class PrimarySession:
         acked_at = time.time()
         round_trip_ms = round((trio.current_time() - record.sent_at) * 1000, 2)
         released = await self._devices.commit(epoch)
-        if self._devices.devices:
-            self.events.emit(OutputReleased(epoch=epoch, packets=released))
         self.epochs_acked += 1
         self.last_acked_epoch = epoch
         self._link.stall_timeout = self._silence_timeout()
@@ -519,6 +532,8 @@ class PrimarySession:
             kick_us=round(record.kick_us, 1), bytes_sent=record.bytes_sent,
             raw_bytes=record.raw_bytes, round_trip_ms=round_trip_ms,
         ))
+        if self._devices.devices:
+            self.events.emit(OutputReleased(epoch=epoch, packets=released))
 
     # -- the backup's side of the stream --------------------------------------------
     async def _receive_loop(self) -> None:

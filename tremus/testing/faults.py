@@ -554,7 +554,7 @@ async def _started(proc: NsProcess, args: Sequence[str], ready: Callable[[NsProc
 
 async def _start_backup(net: KvNet, run: _Run, extra: Sequence[str]) -> NsProcess:
     net.backup_port = next(net._ports)
-    args = ["backup", "--listen", net.backup_address, "--json", *extra]
+    args = ["backup", "--listen", net.backup_address, "--json", "--once", *extra]
     backup = await net.start("backup", "backup", *args)
     run.backup = backup
     await _started(backup, args, lambda b: b.of("backup_ready"), "backup_ready", 30)

@@ -122,7 +122,7 @@ class KvNet:
         """``tremus backup`` on the backup host (a new port each time); waits until ready."""
         self.backup_port = next(self._ports)
         backup = await self.start("backup", "backup", "backup", "--listen",
-                                  self.backup_address, "--json", *extra)
+                                  self.backup_address, "--json", "--once", *extra)
         await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
         return backup
 

@@ -67,17 +67,15 @@ class _TlsListener(Listener):
         return "tls" + self._inner.url.removeprefix("tcp")
 
     async def accept(self) -> trio.SSLStream[trio.abc.Stream]:
-        while True:
-            tcp = await self._inner.accept()
-            stream = trio.SSLStream(tcp, self._context, server_side=True)
-            try:
-                with trio.fail_after(30):
-                    await stream.do_handshake()
-            except (trio.BrokenResourceError, trio.TooSlowError):
-                # A peer that cannot complete the handshake is not a primary.
-                await tcp.aclose()
-                continue
-            return stream
+        """The next connection, its handshake not done yet.
+
+        The handshake happens on first use, or by ``await stream.do_handshake()``: in
+        the connection's own task, so that a peer that never completes it cannot hold
+        up the connections after it (a handshake that fails raises
+        ``trio.BrokenResourceError`` with the ``ssl.SSLError`` as its cause).
+        """
+        tcp = await self._inner.accept()
+        return trio.SSLStream(tcp, self._context, server_side=True)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

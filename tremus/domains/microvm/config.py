@@ -2,6 +2,8 @@
 
 Options (``microvm:key=value,...``):
 
+- ``name``: the guest's name (letters, digits, ``-``, ``_``, ``.``): how a backup that
+  serves several guests tells them apart, and how their replicas are named;
 - ``workload``: ``counter``, ``dirty``, ``kv`` or ``diskwrite``; ``memory`` (e.g. ``16M``);
 - ``interval_ms`` (counter: time between lines); ``rate`` (dirty: pages per second;
   diskwrite: writes per second, 0 = as fast as it can); ``pattern`` (``random``,
@@ -21,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tremus.domains.base import DomainError
+from tremus.domains.base import DomainError, valid_guest_name
 from tremus.domains.microvm import abi
 from tremus.domains.microvm.disk import MIN_DISK_SIZE
 from tremus.domains.microvm.nic import default_mac
@@ -92,6 +94,7 @@ def _parse_int(text: str, what: str) -> int:
 class MicroVMConfig:
     """Everything needed to build (or rebuild, on a backup) a micro-VM."""
 
+    name: str | None = None
     workload: str = "counter"
     memory: int = 16 << 20
     interval_ms: int = 100
@@ -144,6 +147,9 @@ class MicroVMConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
+        if self.name is not None and not valid_guest_name(self.name):
+            raise DomainError(f"name={self.name!r} is not a guest name: 1..64 letters, digits, "
+                              f"'-', '_' or '.', not starting with '.'")
         if self.workload not in abi.WORKLOADS:
             raise DomainError(
                 f"unknown workload {self.workload!r}; choose one of {', '.join(abi.WORKLOADS)}"

@@ -383,6 +383,10 @@ class MicroVM:
     async def resume(self) -> None:
         with self._cond:
             self._want_pause = False
+            # Released: the vCPU thread enters KVM_RUN straight from its park, and
+            # leaves that call only at the guest's next exit. Until then it is
+            # running, and a suspend must stop it again, not find it "parked".
+            self._parked = False
             if not self._closed:
                 os.eventfd_write(self._resume_fd, 1)
             self.released_at_ns = time.perf_counter_ns()
