@@ -118,11 +118,15 @@ class KvNet:
         """Where the last backup started listens (``HOST:PORT``)."""
         return f"{self.topo.address('backup')}:{self.backup_port}"
 
-    async def start_backup(self, *extra: str) -> NsProcess:
-        """``tremus backup`` on the backup host (a new port each time); waits until ready."""
+    async def start_backup(self, *extra: str, once: bool = True) -> NsProcess:
+        """``tremus backup`` on the backup host (a new port each time); waits until ready.
+
+        ``once``: it serves one primary and exits (the fault campaign watches it exit).
+        """
         self.backup_port = next(self._ports)
         backup = await self.start("backup", "backup", "backup", "--listen",
-                                  self.backup_address, "--json", "--once", *extra)
+                                  self.backup_address, "--json",
+                                  *(("--once",) if once else ()), *extra)
         await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
         return backup
 
