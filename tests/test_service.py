@@ -121,6 +121,11 @@ async def test_one_backup_serves_bad_clients_then_several_primaries(tmp_path: Pa
         await backup.wait_for(lambda b: any(e.get("guest") == "c" for e in b.of("console")
                                             if e["time"] > done[0]["time"]),
                               what="c's guest runs on the backup")
+        # 8. And it serves on beside the guest that runs here now.
+        d = await _protect(nursery, "d", port, "--auth-secret-file", str(secret))
+        await d.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 5, what="d acks")
+        d.kill()
+        await backup.wait_for(lambda b: len(b.of("failover_complete")) >= 2, what="d here")
         assert backup.process.returncode is None  # still up through all of it
 
         # SIGTERM: the guest running here stops, the service ends cleanly.
@@ -217,3 +222,51 @@ def test_ctl_without_a_server_is_one_clear_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip().startswith("tremus: error: cannot reach the control socket")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+async def test_a_primary_the_backup_cannot_host_is_refused_with_the_reason(
+        tmp_path: Path) -> None:
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        backup = await start_tremus(nursery, "backup", "backup", "--listen", f"127.0.0.1:{port}",
+                                    "--json", "--memory-limit", "6M")
+        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+        first = await _protect(nursery, "first", port)
+        await first.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 3, what="acks")
+        second = await _protect(nursery, "second", port)
+        await second.exited.wait()
+        assert second.process.returncode == 2
+        said = await _stderr(second)
+        assert "needs 4 MiB for its replica" in said and "--memory-limit 6 MiB" in said, said
+        rejected = await backup.wait_for(lambda b: b.of("connection_rejected"), what="reject")
+        assert "memory-limit" in str(rejected[0]["reason"])
+        acked = len(first.of("checkpoint_acked"))
+        await first.wait_for(lambda p: len(p.of("checkpoint_acked")) >= acked + 3, what="on")
+        first.kill()
+        backup.kill()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_refused_mutual_tls_peer_is_told_why_on_both_sides(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca_pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    backup_pem = tmp_path / "backup.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(backup_pem))
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        backup = await start_tremus(nursery, "backup", "backup", "--listen",
+                                    f"tls://127.0.0.1:{port}", "--json",
+                                    "--tls-cert", str(backup_pem), "--tls-ca", str(ca_pem))
+        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+        # No client certificate, where the backup requires one (mutual TLS).
+        stranger = await _protect(nursery, "s", port, "--tls-ca", str(ca_pem), scheme="tls://")
+        await stranger.exited.wait()
+        assert stranger.process.returncode != 0
+        said = await _stderr(stranger)
+        assert "certificate" in said.lower(), said
+        rejected = await backup.wait_for(lambda b: b.of("connection_rejected"), what="reject")
+        assert "TLS handshake failed" in str(rejected[0]["reason"])
+        assert "certificate" in str(rejected[0]["reason"]).lower(), rejected
+        backup.kill()
+        nursery.cancel_scope.cancel()

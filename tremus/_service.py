@@ -53,6 +53,7 @@ class GuestState:
 
     name: str
     peer: str
+    ram_bytes: int = 0
     #: ``replica`` (protected from elsewhere), ``running`` (failed over: it runs here).
     state: str = "admitted"
     session: BackupSession | None = None
@@ -93,6 +94,17 @@ def _tls_reason(exc: BaseException) -> str:
     return f"TLS handshake failed: {cause or exc}"
 
 
+async def _send_tls_alert(stream: trio.SSLStream[Any]) -> None:
+    """Send the alert OpenSSL wrote when the handshake failed ("certificate required",
+    "unknown ca"...), so the peer learns why; trio drops it when it raises."""
+    outgoing = getattr(stream, "_outgoing", None)  # trio's MemoryBIO: no public way
+    alert = outgoing.read() if isinstance(outgoing, ssl.MemoryBIO) else b""
+    if alert:
+        with trio.move_on_after(1), contextlib.suppress(trio.BrokenResourceError,
+                                                        trio.ClosedResourceError, OSError):
+            await stream.transport_stream.send_all(alert)
+
+
 @final
 class BackupService:
     """Serves primaries on ``listener`` until ``stop()`` (or, ``once``, after one).
@@ -104,6 +116,8 @@ class BackupService:
         state_dir: where disk replicas are kept.
         fence, fence_timeout, ownership_for: as for ``BackupSession``.
         once: serve one primary, then end (after its guest stops, if it failed over).
+        memory_limit: the most guest RAM this backup holds at once (replicas and guests
+            running here), in bytes; a primary that would pass it is refused.
         failback: how to protect a guest that failed over here (``backup`` is where);
             None to leave it unprotected until asked (``protect``).
     """
@@ -111,7 +125,7 @@ class BackupService:
     def __init__(self, listener: Any, *, config: ProtectionConfig, hub: EventHub,
                  state_dir: str, fence: Fence | None = None, fence_timeout: float = 0.0,
                  ownership_for: OwnershipFactory | None = None, once: bool = False,
-                 failback: ProtectPlan | None = None) -> None:
+                 failback: ProtectPlan | None = None, memory_limit: int | None = None) -> None:
         self.listener = listener
         self.config = config
         self.events = hub
@@ -120,6 +134,7 @@ class BackupService:
         self._ownership_for = ownership_for
         self._once = once
         self._failback = failback
+        self._memory_limit = memory_limit
         self.host = socket.gethostname()
         self.guests: dict[str, GuestState] = {}
         self.disks = BackupDisks(state_dir, hub, secret=config.auth_secret,
@@ -214,6 +229,7 @@ class BackupService:
                 reason = ("no TLS handshake within 30 s" if isinstance(exc, trio.TooSlowError)
                           else _tls_reason(exc))
                 self.events.emit(ConnectionRejected(peer=peer, reason=reason))
+                await _send_tls_alert(stream)
                 return
         try:
             is_disk, prefix, stream = await sniff(stream, _FIRST_BYTES_TIMEOUT)
@@ -264,7 +280,12 @@ class BackupService:
                         f"from {held.peer}): give each guest its own name= in its SPEC")
             if self._stopping.is_set():
                 return "this backup is stopping"
-            state = GuestState(name=name, peer=peer, state="replica")
+            held_bytes = sum(g.ram_bytes for g in self.guests.values())
+            if self._memory_limit is not None and held_bytes + hello.ram_size > self._memory_limit:
+                return (f"guest {name!r} needs {hello.ram_size >> 20} MiB for its replica; this "
+                        f"backup holds {held_bytes >> 20} MiB of its --memory-limit "
+                        f"{self._memory_limit >> 20} MiB")
+            state = GuestState(name=name, peer=peer, state="replica", ram_bytes=hello.ram_size)
             self.guests[name] = state
             holder.append(state)
             disks.append(self.disks.for_guest(name, hub))

@@ -51,6 +51,26 @@ def _duration(text: str) -> float:
     return value
 
 
+_SPEC_HELP = (
+    "the guest: microvm:KEY=VALUE,... with keys name (the guest's name), workload "
+    "(counter, dirty, kv, diskwrite), memory (e.g. 16M), interval_ms (counter), rate "
+    "(dirty: pages/s; diskwrite: writes/s), pattern (random, sequential, hotset), ws, "
+    "hot, seed, tap, bridge, mac, ip (A.B.C.D/NN), disk (a raw image), disk_size, "
+    "io_size; e.g. microvm:name=web,workload=counter,memory=16M")
+
+
+def _size(text: str) -> int:
+    from tremus.domains.microvm.config import parse_size
+
+    try:
+        value = parse_size(text, "size")
+    except DomainError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tremus", description=__doc__)
     from tremus import __version__
@@ -59,8 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a domain unprotected")
-    run.add_argument("--domain", required=True, metavar="SPEC",
-                     help="e.g. microvm:workload=counter,memory=16M")
+    run.add_argument("--domain", required=True, metavar="SPEC", help=_SPEC_HELP)
     _disk_option(run)
     run.add_argument("--duration", type=_duration, metavar="S", help="stop after S seconds")
     _control_option(run)
@@ -88,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default /var/lib/tremus)")
     _tls_options(backup, "this backup's certificate (required to listen on tls://)",
                  "CA the primary's certificate must be signed by (mutual TLS)")
+    backup.add_argument("--memory-limit", type=_size, metavar="SIZE",
+                        help="the most guest RAM to hold at once, replicas and guests "
+                             "running here (e.g. 8G); a primary that would pass it is "
+                             "refused (default: what the host has available)")
     backup.add_argument("--once", action="store_true",
                         help="serve one primary, then exit (after its guest stops, if it "
                              "failed over here); exit 1 if it was refused")
@@ -109,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     protect = sub.add_parser("protect", help="run a domain protected by a backup")
-    protect.add_argument("--domain", required=True, metavar="SPEC")
+    protect.add_argument("--domain", required=True, metavar="SPEC", help=_SPEC_HELP)
     protect.add_argument("--backup", metavar="HOST:PORT", help="the backup's address (or URL)")
     protect.add_argument("--interval", type=float, default=50.0, metavar="MS",
                          help="checkpoint interval, from one resume to the next suspend (default 50)")
@@ -382,7 +405,7 @@ async def cmd_backup(args: argparse.Namespace) -> int:
         listener, config=config, hub=hub, state_dir=args.state_dir,
         fence=command_fence(args.fence, args.fence_timeout) if args.fence else None,
         fence_timeout=args.fence_timeout, ownership_for=_ownership_for(args), once=args.once,
-        failback=failback)
+        failback=failback, memory_limit=args.memory_limit)
     stop = _Stop()
 
     async def status(request: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import ssl
 from collections.abc import Callable, Iterable
 from typing import final
 
@@ -116,7 +117,8 @@ class Link:
                     data = await self.stream.receive_some(
                         1 << 16 if self._socket is not None else 1 << 20)
             except _IO_ERRORS as exc:
-                raise self._lost(f"connection to the {self._peer} failed: {exc}") from exc
+                raise self._lost(f"connection to the {self._peer} failed: {describe(exc)}"
+                                 ) from exc
         if scope.cancelled_caught:
             return False
         self.last_received = trio.current_time()
@@ -165,7 +167,8 @@ class Link:
                             total += len(part)
                             scope.deadline = trio.current_time() + self.stall_timeout
                 except _IO_ERRORS as exc:
-                    raise self._lost(f"sending to the {self._peer} failed: {exc}") from exc
+                    raise self._lost(f"sending to the {self._peer} failed: {describe(exc)}"
+                                     ) from exc
             if scope.cancelled_caught:
                 raise self._lost(f"sending to the {self._peer} made no progress for "
                                  f"{self.stall_timeout * 1000:g} ms")
@@ -177,3 +180,18 @@ class Link:
         if self.stream is not None:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, from the first exception in the chain that says something
+    (trio's BrokenResourceError often says nothing; its cause, e.g. the TLS alert
+    "certificate required" from a peer that refused ours, does)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            reason = (seen.reason or str(seen)).replace("_", " ").lower()
+            return f"TLS: {reason}"
+        if str(seen):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
