@@ -136,6 +136,21 @@ async def test_one_backup_serves_bad_clients_then_several_primaries(tmp_path: Pa
         nursery.cancel_scope.cancel()
 
 
+def _tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A CA and the backup's certificate (for 127.0.0.1), signed by it."""
+    ca = trustme.CA()
+    ca_pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    backup_pem = tmp_path / "backup.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(backup_pem))
+    return ca_pem, backup_pem
+
+
+async def _tls_backup(nursery: trio.Nursery, port: int, *tls: str) -> TremusProcess:
+    return await start_tremus(nursery, "backup", "backup", "--listen", f"tls://127.0.0.1:{port}",
+                              "--json", *tls)
+
+
 async def test_a_failed_tls_handshake_is_one_event_and_the_backup_serves_on(
         tmp_path: Path) -> None:
     ca = trustme.CA()
@@ -248,16 +263,11 @@ async def test_a_primary_the_backup_cannot_host_is_refused_with_the_reason(
 
 
 async def test_a_refused_mutual_tls_peer_is_told_why_on_both_sides(tmp_path: Path) -> None:
-    ca = trustme.CA()
-    ca_pem = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_pem))
-    backup_pem = tmp_path / "backup.pem"
-    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(backup_pem))
+    ca_pem, backup_pem = _tls_files(tmp_path)
     port = free_port()
     async with trio.open_nursery() as nursery:
-        backup = await start_tremus(nursery, "backup", "backup", "--listen",
-                                    f"tls://127.0.0.1:{port}", "--json",
-                                    "--tls-cert", str(backup_pem), "--tls-ca", str(ca_pem))
+        backup = await _tls_backup(nursery, port, "--tls-cert", str(backup_pem),
+                                   "--tls-ca", str(ca_pem))
         await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
         # No client certificate, where the backup requires one (mutual TLS).
         stranger = await _protect(nursery, "s", port, "--tls-ca", str(ca_pem), scheme="tls://")
