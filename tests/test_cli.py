@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -70,3 +72,19 @@ def test_version_and_a_negative_reprotect() -> None:
     assert _cli("--version").stdout.startswith("tremus ")
     proc = _cli("protect", "--domain", "microvm:memory=4M", "--blackhole", "--reprotect", "-1")
     assert proc.returncode == 2 and "--reprotect" in proc.stderr and "positive" in proc.stderr
+
+
+def test_every_option_has_help_and_the_spec_keys_are_listed() -> None:
+    from tremus.cli import build_parser
+    from tremus.domains.microvm.config import MicroVMConfig
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help, f"tremus {name} {'/'.join(action.option_strings)}: no help"
+    protect_help = subparsers.choices["protect"].format_help()
+    for key in [f.name for f in dataclasses.fields(MicroVMConfig)]:
+        spelled = {"working_set": "ws", "hot_set": "hot"}.get(key, key)
+        assert spelled in protect_help, f"SPEC key {spelled} missing from --help"
