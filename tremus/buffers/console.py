@@ -21,13 +21,12 @@ The sink is called in the Trio thread (like the domain's own console sink).
 from __future__ import annotations
 
 import logging
-import threading
-from collections import deque
 from collections.abc import Callable
 from typing import Any, final
 
 import trio
 
+from tremus.buffers._epochhold import EpochHold
 from tremus.domains.base import ConsoleSink, DomainError
 
 __all__ = ["ConsoleBuffer"]
@@ -58,59 +57,45 @@ class ConsoleBuffer:
         self._sink = sink
         self._emit_to: ConsoleSink | None = None
         self._console: Any = None
-        self.limit_lines = limit_lines
-        #: Called (in the vCPU thread) when the open epoch gets its first line.
-        self.on_output: Callable[[], None] | None = None
-        # Guarded by _lock (the vCPU thread appends to _open).
-        self._lock = threading.Lock()
-        self._holding = False
-        self._open: list[str] = []
-        self._closed: deque[tuple[int, list[str]]] = deque()
-        self._last_closed: int | None = None
-        self._held_lines = 0
+        self._lines: EpochHold[str] = EpochHold(limit_items=limit_lines)
         #: Lines emitted to the sink by commit/release_all.
         self.released = 0
-        #: Lines dropped: over the limit while holding, or discarded at teardown.
-        self.dropped = 0
+        self._discarded_count = 0
         #: The lines the last teardown discarded (never committed), oldest first.
         self.discarded: list[str] = []
 
     # -- introspection ----------------------------------------------------------------
     @property
+    def on_output(self) -> Callable[[], None] | None:
+        """Called (in the vCPU thread) when the open epoch gets its first line."""
+        return self._lines.on_output
+
+    @on_output.setter
+    def on_output(self, callback: Callable[[], None] | None) -> None:
+        self._lines.on_output = callback
+
+    @property
     def holding(self) -> bool:
-        return self._holding
+        return self._lines.holding
 
     @property
     def held_lines(self) -> int:
         """Lines held now (closed epochs and the open one)."""
-        with self._lock:
-            return self._held_lines
+        return self._lines.held_items
 
     @property
     def held_epochs(self) -> list[int]:
         """Closed, uncommitted epochs, oldest first."""
-        with self._lock:
-            return [epoch for epoch, _ in self._closed]
+        return self._lines.epochs
 
     def held(self) -> list[tuple[int, list[str]]]:
         """The closed, uncommitted epochs with their lines, oldest first."""
-        with self._lock:
-            return [(epoch, list(lines)) for epoch, lines in self._closed]
+        return self._lines.closed()
 
-    # -- the vCPU thread's side ---------------------------------------------------------
-    def _hold(self, line: str) -> bool:
-        with self._lock:
-            if not self._holding:
-                return False
-            if self._held_lines >= self.limit_lines:
-                self.dropped += 1
-                return True
-            first = not self._open
-            self._open.append(line)
-            self._held_lines += 1
-        if first and self.on_output is not None:
-            self.on_output()
-        return True
+    @property
+    def dropped(self) -> int:
+        """Lines dropped: over the limit while holding, or discarded at teardown."""
+        return self._lines.dropped + self._discarded_count
 
     # -- CheckpointDevice -----------------------------------------------------------------
     async def setup(self) -> None:
@@ -118,23 +103,17 @@ class ConsoleBuffer:
         if console is None or not hasattr(console, "line_hook"):
             raise DomainError("the console output buffer needs a domain whose console can "
                               "hold lines (a micro-VM)")
-        if console.line_hook is not None and console.line_hook != self._hold:
+        if console.line_hook is not None and console.line_hook != self._lines.hold:
             raise DomainError("the domain's console already has an output buffer")
         self._emit_to = self._sink if self._sink is not None else getattr(
             self.domain, "console_sink", None)
-        with self._lock:
-            self._holding = True
-            console.line_hook = self._hold
+        self._lines.start()
+        console.line_hook = self._lines.hold
         self._console = console
         await trio.lowlevel.checkpoint()
 
     async def postsuspend(self, epoch: int) -> None:
-        with self._lock:
-            if self._last_closed is not None and epoch <= self._last_closed:
-                raise ValueError(f"epoch {epoch} closed after epoch {self._last_closed}")
-            self._last_closed = epoch
-            self._closed.append((epoch, self._open))
-            self._open = []
+        self._lines.close(epoch)
         await trio.lowlevel.checkpoint()
 
     async def preresume(self, epoch: int) -> None:
@@ -146,35 +125,21 @@ class ConsoleBuffer:
         Returns 0: ``output_released.packets`` counts network packets; ``released``
         counts the lines.
         """
-        lines: list[str] = []
-        with self._lock:
-            while self._closed and self._closed[0][0] <= epoch:
-                lines += self._closed.popleft()[1]
-            self._held_lines -= len(lines)
-        self._emit(lines)
+        self._emit(self._lines.take_through(epoch))
         await trio.lowlevel.checkpoint()
         return 0
 
     async def release_all(self) -> None:
-        with self._lock:
-            lines = [line for _, batch in self._closed for line in batch] + self._open
-            self._closed.clear()
-            self._open = []
-            self._held_lines -= len(lines)
-            self._holding = False
+        with self._lines.lock:
             # Emitted under the lock: a line the guest prints now waits for these.
-            self._emit(lines)
+            self._emit(self._lines.stop())
         await trio.lowlevel.checkpoint()
 
     async def teardown(self) -> None:
-        with self._lock:
-            discarded = [line for _, batch in self._closed for line in batch] + self._open
-            self.dropped += len(discarded)
-            self._closed.clear()
-            self._open = []
-            self._held_lines = 0
-            self._holding = False
-            if self._console is not None and self._console.line_hook == self._hold:
+        with self._lines.lock:
+            discarded = self._lines.stop()
+            self._discarded_count += len(discarded)
+            if self._console is not None and self._console.line_hook == self._lines.hold:
                 self._console.line_hook = None
         if discarded:
             self.discarded = discarded
@@ -184,7 +149,6 @@ class ConsoleBuffer:
                      "from %r to %r", len(discarded), discarded[0], discarded[-1])
         await trio.lowlevel.checkpoint()
 
-    # -- helpers ---------------------------------------------------------------------
     def _emit(self, lines: list[str]) -> None:
         sink = self._emit_to
         if sink is None:
