@@ -42,7 +42,9 @@ class CheckpointDevice(Protocol):
     # stage's devices in parallel: a disk (stage 0) must have said its epoch is
     # durable on the backup before network output (stage 1) may be released.
     # Optional: ``inline`` (bool, default False): the device's operations never wait
-    # (in-memory holds); the runner calls them in turn rather than in a nursery.
+    # (in-memory holds); the runner calls them in turn rather than in a nursery, and
+    # their ``postsuspend``/``preresume`` need not checkpoint (they run in the pause,
+    # where every trip through the scheduler lengthens it).
     # Optional: ``on_output`` (``Callable[[], None] | None``), set by the engine before
     # ``setup``: a device calls it (from any thread) when it starts holding output in
     # the open epoch, so that an output-triggered engine checkpoints soon.
