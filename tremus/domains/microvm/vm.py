@@ -544,11 +544,7 @@ class MicroVM:
                 os.eventfd_read(self._resume_fd)  # drop a release meant for an earlier park
             except BlockingIOError:
                 pass
-            self._parked = True
-            self.stopped_at_ns = time.perf_counter_ns()
-            self._cond.notify_all()
-            assert self._token is not None
-            self._token.run_sync_soon(self._parked_event.set)
+            self._announce_parked()
         while True:
             run_fd = -1 if self._halted else self._vcpu.fd
             rc, self.resumed_at_ns = self._native.kvm_wait_run(self._resume_fd, run_fd)
@@ -557,9 +553,20 @@ class MicroVM:
                     self._parked = False
                     return None
                 if self._want_pause and run_fd < 0:
-                    continue  # not released yet (a stale wakeup)
+                    # Released, and asked to pause again before the guest ran (it
+                    # waits in HLT): it is parked anew, and the new suspend is told.
+                    self._announce_parked()
+                    continue
                 self._parked = False
             return _NOT_RUN if run_fd < 0 else rc
+
+    def _announce_parked(self) -> None:
+        """Parked (``_cond`` held): tell ``suspend``, waiting here or in the event loop."""
+        self._parked = True
+        self.stopped_at_ns = time.perf_counter_ns()
+        self._cond.notify_all()
+        assert self._token is not None
+        self._token.run_sync_soon(self._parked_event.set)
 
     def _wait_halted(self) -> bool:
         """Sleep through a HLT until its deadline, a wakeup or a frame for the NIC;
