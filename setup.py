@@ -55,6 +55,7 @@ setup(
             sources=native_sources,
             depends=sorted(str(p) for p in (Path("tremus") / "native").glob("*.h")),
             extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-fno-strict-aliasing"],
+            libraries=["xxhash"],  # hash64 is XXH3-64 (Debian: libxxhash-dev)
         )
     ],
     cmdclass={"build_ext": BuildWithGuest},

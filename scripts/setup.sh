@@ -13,6 +13,8 @@ command -v iptables >/dev/null || need+=(iptables)
 command -v modprobe >/dev/null || need+=(kmod)
 # The ownership arbiter's tests run a real etcd cluster (Debian's etcd 3.4).
 [ -x /usr/bin/etcd ] || need+=(etcd-server)
+# hash64 (tremus/native/hash.c) is XXH3-64 from the system's xxHash library.
+dpkg -s libxxhash-dev >/dev/null 2>&1 || need+=(libxxhash-dev)
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
     $SUDO apt-get update -q </dev/null

@@ -253,17 +253,109 @@ def test_hash64_properties(impl: ModuleType) -> None:
         impl.hash64(b"x", 1.5)
 
 
+HASH_SIZES = [0, 1, 3, 4, 8, 16, 17, 128, 129, 240, 241, 4096, 1 << 20]
+HASH_SEEDS = [0, 1, 2**63, 2**64 - 1]
+
+
+@pytest.mark.skipif(len(BOTH) < 2, reason="tremus._native is not built")
+@pytest.mark.parametrize("n", HASH_SIZES)
+def test_hash64_impls_agree_on_random_inputs(n: int) -> None:
+    # XXH3 has a code path per length class (0, 1-3, 4-8, 9-16, 17-128, 129-240,
+    # longer); the sizes straddle their bounds, and 4096 is where the GIL goes.
+    rng = random.Random(n)
+    assert native is not None
+    for _ in range(3 if n < 4096 else 1):
+        data = rng.randbytes(n)
+        for seed in HASH_SEEDS:
+            assert native.hash64(data, seed) == fallback.hash64(data, seed), (n, seed)
+            assert native.hash64(data, seed=seed) == fallback.hash64(data, seed=seed)
+
+
+_PRIME32 = 2654435761
+_PRIME64 = 11400714785074694797
+
+
+def _xxhash_sanity_buffer(n: int) -> bytes:
+    """The xxHash project's self-test input: byte i is the top byte of PRIME32*PRIME64**i."""
+    out = bytearray(n)
+    gen = _PRIME32
+    for i in range(n):
+        out[i] = gen >> 56
+        gen = gen * _PRIME64 & (2**64 - 1)
+    return bytes(out)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hash64_is_xxh3_64(impl: ModuleType) -> None:
+    # XXH3_64bits_withSeed self-test vectors of the xxHash project (its xxhsum
+    # sanity check, stable since xxHash 0.8.0): one length per code path.
+    buf = _xxhash_sanity_buffer(2367)
+    vectors = {
+        (0, 0): 0x2D06800538D394C2,
+        (0, _PRIME64): 0xA8A6B918B2F0364A,
+        (1, 0): 0xC44BDFF4074EECDB,
+        (1, _PRIME64): 0x032BE332DD766EF8,
+        (6, 0): 0x27B56A84CD2D7325,
+        (6, _PRIME64): 0x84589C116AB59AB9,
+        (12, 0): 0xA713DAF0DFBB77E7,
+        (12, _PRIME64): 0xE7303E1B2336DE0E,
+        (24, 0): 0xA3FE70BF9D3510EB,
+        (24, _PRIME64): 0x850E80FC35BDD690,
+        (48, 0): 0x397DA259ECBA1F11,
+        (48, _PRIME64): 0xADC2CBAA44ACC616,
+        (80, 0): 0xBCDEFBBB2C47C90A,
+        (80, _PRIME64): 0xC6DD0CB699532E73,
+        (195, 0): 0xCD94217EE362EC3A,
+        (195, _PRIME64): 0xBA68003D370CB3D9,
+        (403, 0): 0xCDEB804D65C6DEA4,
+        (403, _PRIME64): 0x6259F6ECFD6443FD,
+        (512, 0): 0x617E49599013CB6B,
+        (512, _PRIME64): 0x3CE457DE14C27708,
+        (2048, 0): 0xDD59E2C3A5F038E0,
+        (2048, _PRIME64): 0x66F81670669ABABC,
+        (2240, 0): 0x6E73A90539CF2948,
+        (2240, _PRIME64): 0x757BA8487D1B5247,
+        (2367, 0): 0xCB37AEB9E5D361ED,
+        (2367, _PRIME64): 0xD2DB3415B942B42A,
+    }
+    got = {(n, seed): impl.hash64(buf[:n], seed) for n, seed in vectors}
+    assert got == vectors
+    assert impl.hash64(b"") == 0x2D06800538D394C2  # default seed is 0
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_hash64_known_answers(impl: ModuleType) -> None:
     # Pinned: checksums are on the wire, so a change to the algorithm (in both
-    # implementations) must be deliberate. Fixed input bytes also pin endianness.
+    # implementations) must be deliberate. Fixed input bytes also pin endianness;
+    # the long inputs take the GIL-releasing path of the extension.
     expected = {
-        (b"", 0): 0xE8154EEDC968FE0D,
-        (b"tremus", 0): 0x9EFF0FB55691D747,
-        (bytes(range(256)), 0): 0xB064F9581BD5AC70,
-        (bytes(range(256)), 2**64 - 1): 0x53B320FE468E0474,
+        (b"tremus", 0): 0x90C78DF5261943A7,
+        (bytes(range(256)), 0): 0x9408A4433B952D71,
+        (bytes(range(256)), 2**64 - 1): 0xB572A71CA2BAE1E8,
+        (bytes(range(256)) * 17, 2**63): 0x49B4CE72B3EB893B,
+        (bytes(range(256)) * 4096, 1): 0x94F6A4FED326C421,
     }
     assert {k: impl.hash64(*k) for k in expected} == expected
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_hash64_takes_any_contiguous_buffer(impl: ModuleType) -> None:
+    data = random.Random(3).randbytes((1 << 20) + 5)
+    want = impl.hash64(data, 7)
+    assert impl.hash64(memoryview(data), 7) == want
+    assert impl.hash64(bytearray(data), seed=7) == want
+    with mmap.mmap(-1, len(data)) as region:
+        region[:] = data
+        assert impl.hash64(region, 7) == want
+        with memoryview(region) as mv:
+            assert impl.hash64(mv[100:5000], 7) == impl.hash64(data[100:5000], 7)
+            assert impl.hash64(mv[:0], 7) == impl.hash64(b"", 7)
+    # Multi-byte formats are hashed as their bytes.
+    words = array("Q", range(1000))
+    assert impl.hash64(words) == impl.hash64(words.tobytes())
+    assert impl.hash64(memoryview(words).cast("B")) == impl.hash64(words.tobytes())
+    with pytest.raises(TypeError):
+        impl.hash64(memoryview(data)[::2])  # not contiguous
 
 
 # -- delta coding -----------------------------------------------------------------------

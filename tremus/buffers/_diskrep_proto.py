@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 MAGIC: Final = b"TRMSDISK"
-VERSION: Final = 1
+VERSION: Final = 2  # 2: checksums are XXH3-64
 SECTOR: Final = 512
 MAX_HEADER: Final = 1 << 20  # WELCOME's hashes: 8 bytes a MiB of disk
 MAX_PAYLOAD: Final = 16 << 20

@@ -30,7 +30,7 @@ Each frame is a 16-byte prefix, a header, and a payload::
     header             header_len bytes: a msgpack map with str keys, "type" first
     payload            payload_len raw bytes (page data is never re-encoded by msgpack)
 
-``hash64`` is ``tremus.accel.impl.hash64``. The header check covers the lengths and
+``hash64`` is ``tremus.accel.impl.hash64``: XXH3-64 (xxHash). The header check covers the lengths and
 every header field, and each payload is covered by a checksum in its header, so a
 single corrupt byte anywhere is an error, never a silently different checkpoint.
 Both caps are checked on the prefix, before any of the header or payload is buffered.
@@ -166,7 +166,7 @@ __all__ = [
     "welcome_auth",
 ]
 
-PROTOCOL_VERSION: Final = 2
+PROTOCOL_VERSION: Final = 3  # 3: checksums are XXH3-64
 #: Features this implementation can use; WELCOME answers with a subset of HELLO's.
 SUPPORTED_FEATURES: Final = frozenset({DELTA})
 #: header_len, payload_len, header_check.

@@ -1,76 +1,26 @@
 /* hash64: a fast non-cryptographic 64-bit checksum for frames and RAM digests.
  *
- * Four independent lanes each absorb one little-endian 64-bit word per 32-byte
- * stripe with a multiply-rotate-multiply step, so the CPU keeps four multiplies
- * in flight; the lanes are folded together, the tail is absorbed word by word,
- * and a xor-shift-multiply finalizer spreads every input bit over the result.
- * The exact algorithm is mirrored in tremus/_pyfallback.py (hash64); change
- * both together or checksums stop matching across implementations.
- *
- *   K1..K5            odd 64-bit constants (below)
- *   mix(a, w)       = rotl(a + w*K2, 31) * K1
- *   fold(h, v)      = (h ^ mix(0, v)) * K1 + K4
- *   n >= 32:  v = (seed+K1+K2, seed+K2, seed, seed-K1); v[j] = mix(v[j], word j) per stripe
- *             h = rotl(v0,1)+rotl(v1,7)+rotl(v2,12)+rotl(v3,18); h = fold(h, v0..v3)
- *   n < 32:   h = seed + K5
- *   h += n
- *   per remaining 8 bytes: h = rotl(h ^ mix(0, w), 27) * K1 + K4
- *   remaining 4 bytes:     h = rotl(h ^ (u32 * K1), 23) * K2 + K3
- *   per remaining byte:    h = rotl(h ^ (b * K5), 11) * K1
- *   h ^= h>>33; h *= K2; h ^= h>>29; h *= K3; h ^= h>>32
+ * It is XXH3-64 (XXH3_64bits_withSeed) from the xxHash library, linked from the
+ * system's libxxhash (Debian: libxxhash-dev; scripts/setup.sh installs it). The
+ * pure-Python fallback (tremus/_pyfallback.py, hash64) calls the same function
+ * through the `xxhash` package, so both give the same value for the same bytes
+ * and seed on every host: XXH3 reads its input as little-endian words whatever
+ * the CPU, and its results are frozen by the xxHash project since v0.8.0.
  */
 #include "tremus_native.h"
 
-#define K1 0x9E3779B97F4A7C15ULL
-#define K2 0xBF58476D1CE4E5B9ULL
-#define K3 0x94D049BB133111EBULL
-#define K4 0xD6E8FEB86659FD93ULL
-#define K5 0xA0761D6478BD642FULL
+#if !defined(__has_include) || __has_include(<xxhash.h>)
+#include <xxhash.h>
+#else
+#error "xxhash.h not found: install the xxHash headers (Debian/Ubuntu: apt-get install libxxhash-dev, or run scripts/setup.sh)"
+#endif
 
-static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
-static inline uint64_t mix(uint64_t acc, uint64_t w) { return rotl64(acc + w * K2, 31) * K1; }
-static inline uint64_t fold(uint64_t h, uint64_t v) { return (h ^ mix(0, v)) * K1 + K4; }
+#if !defined(XXH_VERSION_NUMBER) || XXH_VERSION_NUMBER < 800
+#error "xxHash >= 0.8.0 is needed (XXH3-64 is stable from 0.8.0 on)"
+#endif
 
 uint64_t tn_hash64(const unsigned char *p, size_t n, uint64_t seed) {
-    const unsigned char *end = p + n;
-    uint64_t h;
-    if (n >= 32) {
-        uint64_t v0 = seed + K1 + K2, v1 = seed + K2, v2 = seed, v3 = seed - K1;
-        const unsigned char *limit = end - 32;
-        do {
-            v0 = mix(v0, tn_load_le64(p));
-            v1 = mix(v1, tn_load_le64(p + 8));
-            v2 = mix(v2, tn_load_le64(p + 16));
-            v3 = mix(v3, tn_load_le64(p + 24));
-            p += 32;
-        } while (p <= limit);
-        h = rotl64(v0, 1) + rotl64(v1, 7) + rotl64(v2, 12) + rotl64(v3, 18);
-        h = fold(h, v0);
-        h = fold(h, v1);
-        h = fold(h, v2);
-        h = fold(h, v3);
-    } else {
-        h = seed + K5;
-    }
-    h += (uint64_t)n;
-    while (end - p >= 8) {
-        h = rotl64(h ^ mix(0, tn_load_le64(p)), 27) * K1 + K4;
-        p += 8;
-    }
-    if (end - p >= 4) {
-        h = rotl64(h ^ ((uint64_t)tn_load_le32(p) * K1), 23) * K2 + K3;
-        p += 4;
-    }
-    while (p < end) {
-        h = rotl64(h ^ ((uint64_t)*p * K5), 11) * K1;
-        p++;
-    }
-    h ^= h >> 33;
-    h *= K2;
-    h ^= h >> 29;
-    h *= K3;
-    h ^= h >> 32;
-    return h;
+    return (uint64_t)XXH3_64bits_withSeed(p, n, (XXH64_hash_t)seed);
 }
 
 PyObject *tn_py_hash64(PyObject *self, PyObject *args, PyObject *kw) {
