@@ -280,3 +280,19 @@ async def test_a_refused_mutual_tls_peer_is_told_why_on_both_sides(tmp_path: Pat
         assert "certificate" in str(rejected[0]["reason"]).lower(), rejected
         backup.kill()
         nursery.cancel_scope.cancel()
+
+
+async def test_ctl_on_tremus_run_reports_and_stops_the_guest(tmp_path: Path) -> None:
+    control = str(tmp_path / "run.sock")
+    async with trio.open_nursery() as nursery:
+        run = await start_tremus(nursery, "run", "run", "--domain", _spec("r"), "--json",
+                                 "--control", control)
+        await run.wait_for(lambda p: p.of("console"), what="the guest runs")
+        status = await _ctl(control, "status", "--json")
+        assert status["role"] == "run" and status["guest"] == "r"
+        assert status["protected"] is False and status["running"] is True
+        await _ctl(control, "stop")  # replied to before the process goes
+        await run.exited.wait()
+        assert run.process.returncode == 0
+        assert "control socket" in str(run.of("domain_stopped")[0]["reason"])
+        nursery.cancel_scope.cancel()

@@ -328,6 +328,10 @@ def command_fence(command: str, timeout: float) -> Fence:
     return fence
 
 
+#: How long a ``stop`` through the control socket waits for its reply to go out.
+_REPLY_GRACE = 0.05
+
+
 @final
 class _Stop:
     """Why and when this command stops: a signal, ``--duration``, the control socket.
@@ -345,6 +349,12 @@ class _Stop:
         if not self.event.is_set():
             self.reason = reason
             self.event.set()
+
+    async def set_after_reply(self, reason: str) -> None:
+        """``set``, once the control socket's reply to ``stop`` has gone out (it is
+        sent as soon as the handler returns; the stop would otherwise cut it off)."""
+        await trio.sleep(_REPLY_GRACE)
+        self.set(reason)
 
     async def watch(self, duration: float | None) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -437,7 +447,7 @@ async def cmd_backup(args: argparse.Namespace) -> int:
     async def stop_guest(request: Mapping[str, Any]) -> dict[str, Any]:
         name = _arg(request, "guest")
         if not name:
-            stop.set("stopped through the control socket")
+            nursery.start_soon(stop.set_after_reply, "stopped through the control socket")
             return {"stopping": True}
         guest = service.guest(name)
         if guest.session is not None:
@@ -559,7 +569,7 @@ async def _run_guest(args: argparse.Namespace, spec: str, plan: ProtectPlan | No
             return {"operation": "protect", "backup": backup}
 
         async def stop_guest(request: Mapping[str, Any]) -> dict[str, Any]:
-            stop.set("stopped through the control socket")
+            nursery.start_soon(stop.set_after_reply, "stopped through the control socket")
             return {"stopping": True}
 
         # Everything that can be checked here is, before the backup is contacted.
