@@ -271,6 +271,7 @@ class SocketLimit:
 
     async def transfer(self, sizes: list[int]) -> float:
         """Seconds to push chunks of ``sizes`` bytes and get the ACK back."""
+        sizes = list(sizes)  # the caller's list grows while we send (heartbeats)
         await self.stream.send_all(sum(sizes).to_bytes(8, "little"))
         src = memoryview(self._source)
         t0 = time.perf_counter()
