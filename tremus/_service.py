@@ -260,7 +260,7 @@ class BackupService:
         holder: list[GuestState] = []
 
         def forward(event: Event) -> None:
-            if not holder:
+            if not holder or not session.accepted.is_set():
                 return  # not a replica (yet): a rejection is reported as one event, below
             name = holder[0].name
             if isinstance(event, PrimaryConnected):
