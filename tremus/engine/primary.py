@@ -409,7 +409,9 @@ class PrimarySession:
             return
         with trio.move_on_at(resumed_at + interval):
             await self._output_waiting.wait()
-            await trio.sleep_until(resumed_at + self.config.min_interval_ms / 1000)
+            earliest = resumed_at + self.config.min_interval_ms / 1000
+            if trio.current_time() < earliest:  # else no extra trip through the scheduler
+                await trio.sleep_until(earliest)
 
     def _output_held(self) -> None:
         """A device holds output of the open epoch (called from any thread)."""
