@@ -1,7 +1,9 @@
-"""Exception-group helpers: nurseries wrap errors in groups; callers want the cause."""
+"""Exception helpers: nurseries wrap errors in groups, callers want the cause; and a
+failure told in a few words, from wherever in its chain it says something."""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -28,3 +30,18 @@ def collapse_groups(*same: type[BaseException]) -> Iterator[None]:
         if len(found) == 1 or (same and all(isinstance(e, same) for e in found)):
             raise found[0] from None
         raise
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, from the first exception in the chain that says something
+    (trio's BrokenResourceError often says nothing; its cause, e.g. the TLS alert
+    "certificate required" from a peer that refused ours, does)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            reason = (seen.reason or str(seen)).replace("_", " ").lower()
+            return f"TLS: {reason}"
+        if str(seen):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__

@@ -24,6 +24,7 @@ from typing import Any, final
 import trio
 
 from tremus._diskwiring import BackupDisks, GuestDisks, sniff
+from tremus._groups import describe
 from tremus._protector import ProtectionError, Protector, ProtectPlan
 from tremus.domains.base import Domain, guest_name
 from tremus.engine import protocol as p
@@ -88,10 +89,7 @@ def _peer_of(stream: trio.abc.Stream) -> str:
 
 
 def _tls_reason(exc: BaseException) -> str:
-    cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, ssl.SSLError):
-        return f"TLS handshake failed: {cause.reason or cause}"
-    return f"TLS handshake failed: {cause or exc}"
+    return f"TLS handshake failed: {describe(exc).removeprefix('TLS: ')}"
 
 
 async def _send_tls_alert(stream: trio.SSLStream[Any]) -> None:

@@ -360,16 +360,17 @@ class _Stop:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             with trio.move_on_after(math.inf if duration is None else duration):
                 async for signum in signals:
-                    if self.event.is_set():
-                        print(f"tremus: {signal.Signals(signum).name} again: exiting now",
-                              file=sys.stderr)
-                        os._exit(128 + signum)
-                    self.set(f"stopped by {signal.Signals(signum).name}")
+                    self._signalled(signum)
             self.set("duration elapsed")
             async for signum in signals:
-                print(f"tremus: {signal.Signals(signum).name} again: exiting now",
-                      file=sys.stderr)
-                os._exit(128 + signum)
+                self._signalled(signum)
+
+    def _signalled(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.event.is_set():
+            print(f"tremus: {name} again: exiting now", file=sys.stderr)
+            os._exit(128 + signum)
+        self.set(f"stopped by {name}")
 
 
 async def _start_control(nursery: trio.Nursery, args: argparse.Namespace, hub: EventHub,

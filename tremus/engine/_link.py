@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import itertools
 import math
-import ssl
 from collections.abc import Callable, Iterable
 from typing import final
 
 import trio
 
+from tremus._groups import describe
 from tremus.engine import protocol as p
 
 __all__ = ["Link"]
@@ -181,17 +181,3 @@ class Link:
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
 
-
-def describe(exc: BaseException) -> str:
-    """What went wrong, from the first exception in the chain that says something
-    (trio's BrokenResourceError often says nothing; its cause, e.g. the TLS alert
-    "certificate required" from a peer that refused ours, does)."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, ssl.SSLError):
-            reason = (seen.reason or str(seen)).replace("_", " ").lower()
-            return f"TLS: {reason}"
-        if str(seen):
-            return str(seen)
-        seen = seen.__cause__ or seen.__context__
-    return type(exc).__name__
