@@ -332,11 +332,15 @@ def replay(data: bytes, chunks: Iterable[int] = ()) -> Backup:
 
 @pytest.mark.parametrize("codec", ["raw", "delta"])
 def test_truncation_at_every_byte_gives_need_data_never_a_wrong_event(codec: str) -> None:
+    """Every byte near a frame boundary (each header and trailer field, every offset
+    of each), and every 61st byte inside the page payloads, which all look alike."""
     data, _ = wire(codec, epochs=2, batch=24)
     whole = replay(data)
     expected, final_replica = whole.events, bytes(whole.replica)
     assert len(whole.applied) == 2
-    for cut in range(len(data)):
+    near = {cut for end in BOUNDARIES[codec] for cut in range(end - 256, end + 256)}
+    cuts = sorted((near | set(range(0, len(data), 61))) & set(range(len(data))))
+    for cut in cuts:
         backup = Backup()
         backup.feed(data[:cut])
         assert backup.conn.next_event() is NEED_DATA
