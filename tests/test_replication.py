@@ -13,6 +13,7 @@ from tests._microvm_util import ConsoleLog, needs_kvm
 from tremus import transports
 from tremus.domains.base import Domain
 from tremus.domains.registry import create_domain
+from tremus.engine import backup as backup_module
 from tremus.engine.backup import BackupOutcome, BackupSession
 from tremus.engine.config import ProtectionConfig
 from tremus.engine.events import (
@@ -152,10 +153,19 @@ class RamSnapshots:
     async def teardown(self) -> None: ...
 
 
-@pytest.mark.parametrize("codec", ["raw", "delta"])
-async def test_verify_replica_equals_primary_at_every_checkpoint(codec: str) -> None:
-    config = ProtectionConfig(interval_ms=10, codec=codec, verify=True)
-    spec = "microvm:workload=dirty,memory=8M,ws=2M,rate=4000,pattern=hotset"
+SMALL_EPOCHS = "microvm:workload=dirty,memory=8M,ws=2M,rate=4000,pattern=hotset"
+# Epochs of hundreds of pages: the backup applies them in a worker thread while the
+# next checkpoint arrives (and a delta one waits for that apply before decoding).
+LARGE_EPOCHS = "microvm:workload=dirty,memory=8M,ws=2M,rate=60000,pattern=sequential"
+
+
+@pytest.mark.parametrize(("codec", "spec", "interval_ms"), [
+    ("raw", SMALL_EPOCHS, 10), ("delta", SMALL_EPOCHS, 10),
+    ("raw", LARGE_EPOCHS, 25), ("delta", LARGE_EPOCHS, 25),
+], ids=["raw", "delta", "raw-large", "delta-large"])
+async def test_verify_replica_equals_primary_at_every_checkpoint(
+        codec: str, spec: str, interval_ms: float) -> None:
+    config = ProtectionConfig(interval_ms=interval_ms, codec=codec, verify=True)
     snapshots = RamSnapshots()
     compared: list[int] = []
     mismatched: list[int] = []
@@ -175,6 +185,9 @@ async def test_verify_replica_equals_primary_at_every_checkpoint(codec: str) -> 
         # Every applied checkpoint also matched the primary's RAM digest (--verify).
         assert len(applied) >= 100 and all(e.verified for e in applied)
         assert sum(e.dirty_pages for e in pair.of(CheckpointAcked)[1:]) > 100
+        if spec == LARGE_EPOCHS:
+            large = [e for e in applied[1:] if e.pages >= backup_module._APPLY_IN_THREAD_PAGES]
+            assert len(large) >= 20, [e.pages for e in applied]
         pair.primary.stop()
         await pair.backup_done.wait()
         assert pair.outcome is BackupOutcome.ENDED

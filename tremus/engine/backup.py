@@ -52,6 +52,10 @@ __all__ = [
 
 
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+#: From this many pages a checkpoint is applied in a worker thread (the scatter
+#: releases the GIL), so the next one is received meanwhile; a smaller one costs
+#: less than the thread's hand-off and is applied on the event loop.
+_APPLY_IN_THREAD_PAGES = 256
 
 
 def _available_memory() -> int | None:
@@ -180,6 +184,9 @@ class BackupSession:
         self._replica: mmap.mmap | None = None
         self._stager: p.CheckpointStager | None = None
         self._state: bytes | None = None
+        #: Clear while a checkpoint is being applied in the background.
+        self._applied = trio.Event()
+        self._applied.set()
         self.applied_epoch: int | None = None
         self._heartbeat_seq = 0
         self.host = socket.gethostname()
@@ -253,7 +260,7 @@ class BackupSession:
                     return result
                 nursery.start_soon(self._heartbeat_loop)
                 try:
-                    return await self._receive_loop()
+                    return await self._receive_loop(nursery)
                 finally:
                     nursery.cancel_scope.cancel()
 
@@ -322,7 +329,14 @@ class BackupSession:
                                           ram_bytes=event.ram_size))
         return None
 
-    async def _receive_loop(self) -> str | None:
+    async def _receive_loop(self, nursery: trio.Nursery) -> str | None:
+        """Stage checkpoints, acknowledge each once it is whole and verified, and
+        apply it in the background (``_apply``) while the next one arrives.
+
+        An apply always finishes, shielded, before the next one starts, before a
+        delta frame is decoded against the replica, and before ``_serve`` returns
+        (its nursery waits for it): a failover resumes exactly the last applied one.
+        """
         assert self._stager is not None and self._replica is not None
         while True:
             # Until the first checkpoint is complete there is nothing to fail over to,
@@ -333,12 +347,15 @@ class BackupSession:
                 timeout *= INITIAL_SYNC_PATIENCE
             event = await self._link.next_event(timeout)
             if isinstance(event, p.CheckpointBegin | p.Pages | p.State | p.CheckpointEnd):
+                if isinstance(event, p.Pages) and (self._stager.write_through
+                                                   or event.codec != p.RAW):
+                    await self._applied.wait()  # decoded against / written into the replica
                 try:
                     done = self._stager.feed(event)
                 except p.ProtocolError as exc:
                     raise PrimaryFailed(f"bad checkpoint: {exc}") from exc
                 if done is not None:
-                    await self._apply(done)
+                    await self._acknowledge(done, nursery)
             elif isinstance(event, p.Heartbeat):
                 self._heard(event.echo)
             elif isinstance(event, p.End):
@@ -348,18 +365,46 @@ class BackupSession:
             elif isinstance(event, p.ConnectionClosed):
                 raise PrimaryFailed("the primary closed the connection without END")
 
-    async def _apply(self, checkpoint: p.CompleteCheckpoint) -> None:
-        assert self._replica is not None and self._hello is not None
+    async def _acknowledge(self, checkpoint: p.CompleteCheckpoint, nursery: trio.Nursery) -> None:
+        """ACK a whole, verified checkpoint, then apply it (the ACK's promise: this
+        backup holds it and will fail over to it, or to a later one)."""
+        assert self._stager is not None
         if self._frozen or (self._apply_gate is not None
                             and not await self._apply_gate(checkpoint.epoch)):
             self._frozen = True  # later checkpoints build on this one: none may follow
             return
-        started = time.perf_counter()
-        page_size = self._hello.page_size
+        await self._applied.wait()
+        if checkpoint.applied:
+            # The first, written through: the replica already holds its pages.
+            self._commit(checkpoint, time.perf_counter())
+            self._stager.write_through = False  # from now on the replica is worth keeping
+            await self._link.send(p.Ack(checkpoint.epoch))
+            return
+        await self._link.send(p.Ack(checkpoint.epoch))
+        self._applied = trio.Event()
+        nursery.start_soon(self._apply, checkpoint, self._applied)
+
+    async def _apply(self, checkpoint: p.CompleteCheckpoint, applied: trio.Event) -> None:
+        # Shielded: the replica and the state that goes with it change together.
+        with trio.CancelScope(shield=True):
+            try:
+                started = time.perf_counter()
+                if checkpoint.pages >= _APPLY_IN_THREAD_PAGES:
+                    await trio.to_thread.run_sync(self._scatter, checkpoint)
+                else:
+                    self._scatter(checkpoint)
+                self._commit(checkpoint, started)
+            finally:
+                applied.set()
+
+    def _scatter(self, checkpoint: p.CompleteCheckpoint) -> None:
+        assert self._replica is not None and self._hello is not None
         for pfns, data in checkpoint.batches:
-            impl.scatter(self._replica, pfns, data, page_size)
-        assert self._stager is not None
-        self._stager.write_through = False  # from now on the replica is worth keeping
+            impl.scatter(self._replica, pfns, data, self._hello.page_size)
+
+    def _commit(self, checkpoint: p.CompleteCheckpoint, started: float) -> None:
+        """The replica holds ``checkpoint``'s pages: check them, keep its state."""
+        assert self._replica is not None and self._hello is not None
         verified = None
         if checkpoint.ram_digest is not None:
             verified = int(impl.hash64(self._replica)) == checkpoint.ram_digest
@@ -375,10 +420,10 @@ class BackupSession:
         self.applied_epoch = checkpoint.epoch
         self._link.stall_timeout = self.config.heartbeat_timeout_ms / 1000
         apply_us = (time.perf_counter() - started) * 1e6
-        await self._link.send(p.Ack(checkpoint.epoch))
-        self.events.emit(CheckpointApplied(epoch=checkpoint.epoch, pages=checkpoint.pages,
-                                           bytes_received=checkpoint.pages * page_size,
-                                           apply_us=round(apply_us, 1), verified=verified))
+        self.events.emit(CheckpointApplied(
+            epoch=checkpoint.epoch, pages=checkpoint.pages,
+            bytes_received=checkpoint.pages * self._hello.page_size,
+            apply_us=round(apply_us, 1), verified=verified))
 
     async def _heartbeat_loop(self) -> None:
         while True:
