@@ -54,6 +54,7 @@ import _common  # noqa: E402
 import trio  # noqa: E402
 
 from tremus import transports  # noqa: E402
+from tremus._memory import prefaulted_buffer  # noqa: E402
 from tremus.domains.base import Geometry  # noqa: E402
 from tremus.engine.backup import BackupSession  # noqa: E402
 from tremus.engine.config import ProtectionConfig  # noqa: E402
@@ -404,7 +405,7 @@ def stage_breakdown(pages: int, reps: int) -> dict[str, Any]:
 
     ram_bytes = pages * PAGE
     ram = random_buffer(ram_bytes)
-    replica = bytearray(ram_bytes)
+    replica = prefaulted_buffer(ram_bytes)  # page-aligned, as the backup's
     pc, bc = p.PrimaryConnection(), p.BackupConnection()
     bc.receive_data(pc.send(p.Hello(driver="microvm", ram_size=ram_bytes, page_size=PAGE)))
     assert isinstance(bc.next_event(), p.Hello)

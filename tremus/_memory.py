@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 
-__all__ = ["prefaulted_buffer"]
+from tremus.accel import impl
+
+__all__ = ["page_aligned", "prefaulted_buffer"]
+
+_PAGE = mmap.PAGESIZE
 
 
 def prefaulted_buffer(size: int) -> mmap.mmap:
@@ -19,3 +24,19 @@ def prefaulted_buffer(size: int) -> mmap.mmap:
         return mmap.mmap(-1, 1)  # an empty mapping is not allowed; never read
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
     return mmap.mmap(-1, size, flags=flags)
+
+
+def page_aligned(size: int, aligned_at: int = 0) -> memoryview:
+    """``size`` writable bytes, not zeroed, whose byte ``aligned_at`` is on a page
+    boundary (a frame payload's pages follow its pfns).
+
+    A bytearray's bytes start 16 bytes past a page boundary. Copying pages between
+    two buffers whose addresses differ by such a small amount modulo 4096 defeats
+    the CPU's store-to-load disambiguation ("4K aliasing"): scattering received
+    pages into a page-aligned replica measured 3.5x slower than from an aligned
+    buffer. Frame payloads and decoded pages get aligned buffers instead.
+    """
+    raw = impl.empty_bytearray(size + _PAGE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
+    start = (-address - aligned_at) % _PAGE
+    return memoryview(raw)[start : start + size]
