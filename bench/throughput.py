@@ -444,7 +444,8 @@ def stage_breakdown(pages: int, reps: int) -> dict[str, Any]:
                 done = stager.feed(ev) or done
             t4 = time.perf_counter()
             assert done is not None
-            impl.scatter(replica, done.pfns, done.data, PAGE)
+            for batch_pfns, batch_pages in done.batches:  # as the backup applies it
+                impl.scatter(replica, batch_pfns, batch_pages, PAGE)
             t5 = time.perf_counter()
             impl.memcpy(replica, ram)
             t6 = time.perf_counter()
