@@ -24,6 +24,7 @@ from tremus.engine.events import (
     FailoverComplete,
     FailoverRefused,
     FailoverStarted,
+    ProtectionStarted,
 )
 from tremus.engine.primary import BackupLostError, PrimarySession
 
@@ -159,13 +160,18 @@ SMALL_EPOCHS = "microvm:workload=dirty,memory=8M,ws=2M,rate=4000,pattern=hotset"
 LARGE_EPOCHS = "microvm:workload=dirty,memory=8M,ws=2M,rate=60000,pattern=sequential"
 
 
-@pytest.mark.parametrize(("codec", "spec", "interval_ms"), [
-    ("raw", SMALL_EPOCHS, 10), ("delta", SMALL_EPOCHS, 10),
-    ("raw", LARGE_EPOCHS, 25), ("delta", LARGE_EPOCHS, 25),
-], ids=["raw", "delta", "raw-large", "delta-large"])
+@pytest.mark.parametrize(("codec", "spec", "interval_ms", "capture"), [
+    ("raw", SMALL_EPOCHS, 10, "cow"), ("delta", SMALL_EPOCHS, 10, "cow"),
+    ("raw", LARGE_EPOCHS, 25, "cow"), ("delta", LARGE_EPOCHS, 25, "cow"),
+    ("raw", SMALL_EPOCHS, 10, "copy"), ("delta", LARGE_EPOCHS, 25, "copy"),
+], ids=["raw", "delta", "raw-large", "delta-large", "raw-copy", "delta-large-copy"])
 async def test_verify_replica_equals_primary_at_every_checkpoint(
-        codec: str, spec: str, interval_ms: float) -> None:
-    config = ProtectionConfig(interval_ms=interval_ms, codec=codec, verify=True)
+        codec: str, spec: str, interval_ms: float, capture: str) -> None:
+    """With copy-on-write capture the guest writes (the hot set: the very pages being
+    copied) while its checkpoint is copied; the replica must still be the RAM as it
+    was at the suspend, every time."""
+    config = ProtectionConfig(interval_ms=interval_ms, codec=codec, verify=True,
+                              capture=capture)
     snapshots = RamSnapshots()
     compared: list[int] = []
     mismatched: list[int] = []
@@ -188,6 +194,16 @@ async def test_verify_replica_equals_primary_at_every_checkpoint(
         if spec == LARGE_EPOCHS:
             large = [e for e in applied[1:] if e.pages >= backup_module._APPLY_IN_THREAD_PAGES]
             assert len(large) >= 20, [e.pages for e in applied]
+        assert pair.of(ProtectionStarted)[0].capture == capture
+        acked = pair.of(CheckpointAcked)
+        faults = sum(e.cow_faults for e in acked)
+        print(f"{capture}: {faults} writes waited for their page in {len(acked)} epochs")
+        if capture == "copy":
+            assert faults == 0 and all(e.copy_us == 0 for e in acked)
+        else:
+            assert all(e.copy_us > 0 for e in acked)
+            if spec == SMALL_EPOCHS:
+                assert faults > 0  # the guest did write pages that were being copied
         pair.primary.stop()
         await pair.backup_done.wait()
         assert pair.outcome is BackupOutcome.ENDED

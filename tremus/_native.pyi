@@ -82,3 +82,18 @@ def kick(thread_id: int, run: Buffer, signum: int) -> None:
 
 def buffer_address(buf: Buffer) -> int:
     """Address of a buffer's first byte (for ioctl structs holding pointers)."""
+
+# -- copy-on-write capture (userfaultfd write-protect) ------------------------------------
+def wp_open(ram: Buffer) -> int:
+    """A userfaultfd (non-blocking, close-on-exec) with ``ram`` (a page-aligned
+    mapping) registered in write-protect mode. OSError names the step that failed."""
+
+def wp_protect(fd: int, ram: Buffer, pfns: Buffer) -> int:
+    """Write-protect pages ``pfns`` (ascending little-endian u64) of ``ram``; returns
+    the ioctls made (one per run of consecutive pfns)."""
+
+def wp_copy(fd: int, ram: Buffer, pfns: Buffer, staging: Buffer, run_pages: int = 64
+            ) -> tuple[int, int, int, int]:
+    """Copy the protected pages to ``staging`` (page ``k`` = page ``pfns[k]``, as it
+    was when protected) while serving write faults (copy first, then release), and
+    release every page. Returns (faults, serve_ns, serve_max_ns, copy_ns)."""

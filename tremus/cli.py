@@ -28,7 +28,7 @@ from tremus.control import ControlError, Handler, add_ctl_parser, serve_control
 from tremus.domains.base import Domain, DomainError, guest_name
 from tremus.domains.registry import create_domain
 from tremus.engine.backup import BackupOutcome, Fence, FencingFailed
-from tremus.engine.config import ConfigError, ProtectionConfig
+from tremus.engine.config import CAPTURE_METHODS, ConfigError, ProtectionConfig
 from tremus.engine.devices import DeviceError
 from tremus.engine.events import BackupReady, Console, DomainStarted, DomainStopped, EventHub
 from tremus.engine.ownership import Ownership
@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     protect.add_argument("--min-interval", type=float, default=2.0, metavar="MS",
                          help="with --output-triggered, the shortest time from a resume to "
                               "the next suspend (default 2; bounds the checkpoint rate)")
+    protect.add_argument("--capture", choices=CAPTURE_METHODS, default="auto",
+                         help="how dirty pages are captured: cow = write-protect them in the "
+                              "pause and copy them after the guest resumed (the pause does not "
+                              "grow with them), copy = copy them in the pause; auto (default) = "
+                              "cow where the host offers userfaultfd write-protect")
     protect.add_argument("--no-compression", action="store_true", help="send raw pages (no delta)")
     protect.add_argument("--blackhole", action="store_true",
                          help="build checkpoints and drop them (benchmarking; not protection)")
@@ -506,7 +511,8 @@ async def cmd_protect(args: argparse.Namespace) -> int:
     config = _protection_config(
         args, interval_ms=args.interval, codec="raw" if args.no_compression else "delta",
         verify=args.verify, max_inflight=args.max_inflight,
-        output_triggered=args.output_triggered, min_interval_ms=args.min_interval)
+        output_triggered=args.output_triggered, min_interval_ms=args.min_interval,
+        capture=args.capture)
     _check_arbiter(args)
     if args.no_disk_replication and not args.unsafe:
         raise UsageError("--no-disk-replication leaves the backup without the guest's disk "

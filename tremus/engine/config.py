@@ -23,6 +23,10 @@ def takeover_grace(timeout: float) -> float:
     return max(0.25, timeout / 2)
 
 
+#: ``ProtectionConfig.capture``: ``"auto"`` picks ``"cow"`` where available.
+CAPTURE_METHODS = ("auto", "cow", "copy")
+
+
 class ConfigError(ValueError):
     """An invalid protection setting."""
 
@@ -46,6 +50,11 @@ class ProtectionConfig:
             since the last resume allows; ``interval_ms`` stays the longest gap.
         min_interval_ms: the shortest time from a resume to the next suspend with
             ``output_triggered`` (it bounds the checkpoint rate under heavy output).
+        capture: how dirty pages are captured: ``"cow"`` write-protects them in the
+            pause and copies them after the guest resumed (copy-on-write: the
+            pause no longer grows with the dirty pages); ``"copy"`` copies them in
+            the pause; ``"auto"`` is ``"cow"`` where the domain offers it, else
+            ``"copy"``.
     """
 
     interval_ms: float = 50.0
@@ -58,10 +67,14 @@ class ProtectionConfig:
     auth_secret: bytes | None = None
     output_triggered: bool = False
     min_interval_ms: float = 2.0
+    capture: str = "auto"
 
     def __post_init__(self) -> None:
         if not 1 <= self.interval_ms <= 3_600_000:
             raise ConfigError(f"interval {self.interval_ms} ms must be within 1..3600000")
+        if self.capture not in CAPTURE_METHODS:
+            raise ConfigError(f"capture {self.capture!r} must be one of "
+                              f"{', '.join(repr(m) for m in CAPTURE_METHODS)}")
         if self.codec not in ("delta", "raw"):
             raise ConfigError(f"codec {self.codec!r} must be 'delta' or 'raw'")
         if self.max_inflight < 1:

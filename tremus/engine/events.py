@@ -83,6 +83,11 @@ class ProtectionStarted(Event):
     #: Checkpoints start early (after ``min_interval_ms``) when output is held.
     output_triggered: bool = False
     min_interval_ms: float = 0.0
+    #: How dirty pages are captured: ``"cow"`` (write-protected in the pause, copied
+    #: after resume) or ``"copy"`` (copied in the pause).
+    capture: str = "copy"
+    #: Why ``"copy"`` runs although ``"auto"`` was asked for ("" otherwise).
+    capture_note: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,6 +109,10 @@ class CheckpointAcked(Event):
     bytes_sent: int
     raw_bytes: int
     round_trip_ms: float
+    #: Copy-on-write capture: the copy after resume took ``copy_us``, and
+    #: ``cow_faults`` guest writes waited for their page to be copied first.
+    copy_us: float = 0.0
+    cow_faults: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -34,10 +34,11 @@ from typing import final
 
 import trio
 
+from tremus._cow import CopyOnWrite, CopyStats
 from tremus._groups import collapse_groups, leaves
 from tremus._memory import prefaulted_buffer
 from tremus.accel import impl
-from tremus.domains.base import Domain
+from tremus.domains.base import Domain, DomainError
 from tremus.engine import protocol as p
 from tremus.engine._link import Link
 from tremus.engine._stall import StallWatch
@@ -91,6 +92,18 @@ def _halts_first() -> Iterator[None]:
         raise
 
 
+@dataclass(frozen=True, slots=True)
+class _Capture:
+    """What the pause captured: the pfns, their pages in the staging buffer, the
+    state; how long the pause and the kick took; the copy after it, if any."""
+
+    pfns: memoryview
+    state: bytes
+    pause_us: float
+    kick_us: float
+    copied: CopyStats | None
+
+
 @dataclass(slots=True)
 class _Inflight:
     epoch: int
@@ -100,6 +113,8 @@ class _Inflight:
     bytes_sent: int
     raw_bytes: int
     sent_at: float
+    #: The copy after resume, with copy-on-write capture.
+    copied: CopyStats | None = None
     #: When its last byte was handed to the transport (0: still sending).
     sent_done: float = 0.0
     #: Its ``checkpoint_sent`` is out (by the sending task, or by the ACK's handler
@@ -159,6 +174,8 @@ class PrimarySession:
         self._welcome: p.Welcome | None = None
         self._heartbeat_seq = 0
         self._ram_digest = 0
+        self._cow: CopyOnWrite | None = None
+        self._capture_note = ""
         self._stop = trio.Event()
         self._lease_lost = trio.Event()
         self._output_waiting = trio.Event()
@@ -253,6 +270,7 @@ class PrimarySession:
 
     async def _protect_session(self, task_status: trio.TaskStatus[None]) -> None:
         started = False
+        self._cow, self._capture_note = self._copy_on_write()
         await self._devices.setup()
         try:
             await self._handshake()
@@ -260,6 +278,8 @@ class PrimarySession:
                 prefaulted_buffer, self.domain.geometry.ram_size)
             self.protected = True
             self.events.emit(ProtectionStarted(
+                capture="cow" if self._cow is not None else "copy",
+                capture_note=self._capture_note,
                 domain=self.domain.driver, backup=self._backup_name,
                 interval_ms=self.config.interval_ms, codec=self._codec.name,
                 devices=tuple(d.name for d in self._devices.devices),
@@ -288,6 +308,23 @@ class PrimarySession:
                     nursery.cancel_scope.cancel()
         else:
             await self._say_end(self._stop_reason)
+
+    def _copy_on_write(self) -> tuple[CopyOnWrite | None, str]:
+        """The domain's copy-on-write capture if ``capture`` allows it and the domain
+        offers it, else None and why (``capture="cow"`` without it is an error)."""
+        method = self.config.capture
+        if method == "copy":
+            return None, ""
+        offer = getattr(self.domain, "copy_on_write", None)
+        try:
+            if offer is None:
+                raise DomainError(f"the {self.domain.driver} domain does not offer it")
+            cow = offer()
+        except DomainError as exc:
+            if method == "cow":
+                raise DomainError(f"capture 'cow': copy-on-write is unavailable: {exc}") from exc
+            return None, f"copy-on-write is unavailable: {exc}"
+        return cow, ""
 
     async def _watch_lease(self) -> None:
         await self._lease_lost.wait()
@@ -391,9 +428,9 @@ class PrimarySession:
             while len(self._inflight) >= max_inflight:
                 self._inflight_changed = trio.Event()
                 await self._inflight_changed.wait()
-            pfns, state, pause_us, kick_us = await self._capture(epoch, full=epoch == 0)
+            capture = await self._capture(epoch, full=epoch == 0)
             resumed_at = trio.current_time()
-            await self._send_checkpoint(epoch, epoch == 0, pfns, state, pause_us, kick_us)
+            await self._send_checkpoint(epoch, epoch == 0, capture)
             if self._stream is None:
                 self._link.feed(p.Ack(epoch))
                 event = self._conn.next_event()
@@ -425,18 +462,27 @@ class PrimarySession:
     def _wake_for_output(self) -> None:
         self._output_waiting.set()
 
-    async def _capture(self, epoch: int, *, full: bool) -> tuple[memoryview, bytes, float, float]:
-        """Steps 2-4: the pause. Shielded: the guest is always resumed."""
+    async def _capture(self, epoch: int, *, full: bool) -> _Capture:
+        """Steps 2-4: the pause (and, copy-on-write, the copy after it). Shielded:
+        the guest is always resumed, and pages protected are always copied and
+        released."""
         domain = self.domain
+        cow = self._cow
+        copied: CopyStats | None = None
         with trio.CancelScope(shield=True):
             await domain.suspend()
             stopped = time.perf_counter()
+            protected = False
             try:
                 await self._devices.postsuspend(epoch)
                 dirty = domain.read_and_clear_dirty()
                 pfns = memoryview(self._all_pfns) if full else dirty.cast("B")
                 assert self._staging is not None
-                impl.gather(domain.ram, pfns, self._staging, self._page_size)
+                if cow is not None:
+                    cow.protect(pfns)
+                    protected = True
+                else:
+                    impl.gather(domain.ram, pfns, self._staging, self._page_size)
                 state = domain.save_state()
                 if self.config.verify:
                     self._ram_digest = int(impl.hash64(domain.ram))
@@ -446,6 +492,9 @@ class PrimarySession:
             finally:
                 await domain.resume()
                 resumed = time.perf_counter()
+                if protected:
+                    assert cow is not None
+                    copied = await trio.to_thread.run_sync(cow.copy, pfns, self._staging)
         # From "vCPU stopped" to "vCPU released", by the domain's own timestamps if
         # it keeps them (the micro-VM does), else as seen from here.
         stopped_ns = getattr(domain, "stopped_at_ns", 0)
@@ -455,17 +504,17 @@ class PrimarySession:
         else:
             pause_us = (resumed - stopped) * 1e6
         kick_us = getattr(domain, "kick_latency_ns", 0) / 1000
-        return pfns, state, pause_us, kick_us
+        return _Capture(pfns, state, pause_us, kick_us, copied)
 
-    async def _send_checkpoint(self, epoch: int, full: bool, pfns: memoryview, state: bytes,
-                               pause_us: float, kick_us: float) -> None:
+    async def _send_checkpoint(self, epoch: int, full: bool, capture: _Capture) -> None:
+        pfns, state = capture.pfns, capture.state
         count = len(pfns) // 8
         assert self._staging is not None
         pages = memoryview(self._staging)[: count * self._page_size]
         digest = p.checkpoint_digest(pfns, pages, state) if self.config.verify else None
         ram_digest = self._ram_digest if self.config.verify else None
-        record = _Inflight(epoch, count, pause_us, kick_us, 0, count * self._page_size,
-                           trio.current_time())
+        record = _Inflight(epoch, count, capture.pause_us, capture.kick_us, 0,
+                           count * self._page_size, trio.current_time(), capture.copied)
         self._inflight[epoch] = record
         conn, codec = self._conn, self._codec
 
@@ -533,6 +582,8 @@ class PrimarySession:
             epoch=epoch, dirty_pages=record.dirty_pages, pause_us=round(record.pause_us, 1),
             kick_us=round(record.kick_us, 1), bytes_sent=record.bytes_sent,
             raw_bytes=record.raw_bytes, round_trip_ms=round_trip_ms,
+            copy_us=round(record.copied.copy_us, 1) if record.copied else 0.0,
+            cow_faults=record.copied.faults if record.copied else 0,
         ))
         if self._devices.devices:
             self.events.emit(OutputReleased(epoch=epoch, packets=released))

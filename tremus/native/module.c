@@ -81,6 +81,12 @@ static PyMethodDef methods[] = {
      "kick(thread_id, run, signum) -> None"},
     {"buffer_address", KW tn_buffer_address, METH_VARARGS | METH_KEYWORDS,
      "buffer_address(buf) -> int"},
+    {"wp_open", KW tn_wp_open, METH_VARARGS | METH_KEYWORDS,
+     "wp_open(ram) -> userfaultfd registered for write-protect over ram"},
+    {"wp_protect", KW tn_wp_protect, METH_VARARGS | METH_KEYWORDS,
+     "wp_protect(fd, ram, pfns) -> ioctls made"},
+    {"wp_copy", KW tn_wp_copy, METH_VARARGS | METH_KEYWORDS,
+     "wp_copy(fd, ram, pfns, staging, run_pages=64) -> (faults, serve_ns, serve_max_ns, copy_ns)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -2,7 +2,8 @@
  *
  * The module is split by concern: module.c (method table, buffer helpers),
  * memory.c (bitmap, gather, scatter, memcpy), hash.c (hash64), codec.c (page
- * delta coding), kvm.c (KVM_RUN, dirty log, kick).
+ * delta coding), kvm.c (KVM_RUN, dirty log, kick), cow.c (copy-on-write capture
+ * with userfaultfd write-protect).
  *
  * Conventions, shared by every function:
  *   - Buffers come in through the buffer protocol and must be C-contiguous;
@@ -88,5 +89,10 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_install_kick_handler(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kick(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_buffer_address(PyObject *self, PyObject *args, PyObject *kw);
+
+/* cow.c */
+PyObject *tn_wp_open(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_wp_protect(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_wp_copy(PyObject *self, PyObject *args, PyObject *kw);
 
 #endif

@@ -24,6 +24,7 @@ from typing import Any, final
 import msgpack
 import trio
 
+from tremus._cow import CopyOnWrite
 from tremus._groups import collapse_groups
 from tremus.accel import impl, native
 from tremus.domains.base import ConsoleSink, DomainError, Geometry
@@ -85,6 +86,7 @@ class MicroVM:
                  kvm_path: str | None = None, restoring: bool = False) -> None:
         kvm_path = kvm_path or os.environ.get("TREMUS_KVM_DEVICE", "/dev/kvm")
         self._native = _require_native()
+        self._cow: CopyOnWrite | None = None
         self._nursery: trio.Nursery | None = None
         #: Completed suspends: a disk write made while it reads N belongs to the
         #: epoch that suspend N + 1 closes (replication tags writes with it).
@@ -300,7 +302,9 @@ class MicroVM:
         end = addr + len(data)
         if addr < 0 or end > self._config.memory:
             raise DomainError(f"VMM write {addr:#x}..{end:#x} outside guest RAM")
-        self._ram[addr:end] = data
+        # With the GIL released: under copy-on-write capture a write to a page not
+        # yet copied waits for the copying thread, which must not need the GIL.
+        self._native.memcpy(self._ram[addr:end], data)
         self.mark_dirty(addr, len(data))
 
     def mark_dirty(self, addr: int, length: int) -> None:
@@ -314,6 +318,16 @@ class MicroVM:
         self._native.get_dirty_log(self._vm_fd, 0, self._kvm_bitmap)
         pfns = impl.dirty_bitmap_to_pfns(self._kvm_bitmap, self._vmm_bitmap)
         return memoryview(pfns).cast("Q")
+
+    def copy_on_write(self) -> CopyOnWrite:
+        """Copy-on-write capture over this machine's RAM (``tremus._cow``), opened on
+        first use; DomainError if this host cannot write-protect it."""
+        if self._cow is None:
+            try:
+                self._cow = CopyOnWrite(self._mmap)
+            except OSError as exc:
+                raise DomainError(f"userfaultfd write-protect: {exc}") from exc
+        return self._cow
 
     def save_state(self) -> bytes:
         if not self._parked and self._running:
@@ -461,6 +475,8 @@ class MicroVM:
     def close(self) -> None:
         """Release KVM and the RAM mapping (``ram`` is invalid afterwards)."""
         self._close_kvm()
+        if self._cow is not None:
+            self._cow.close()
         try:
             self._ram.release()
             self._mmap.close()

@@ -1,0 +1,151 @@
+"""Copy-on-write capture (``tremus._cow``): the staging buffer gets every protected
+page as it was when it was protected, even when a writer gets there first; every
+page is released in the end; and the engine falls back to copying in the pause,
+saying why, when the domain cannot offer it."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from array import array
+from typing import Any
+
+import pytest
+import trio
+
+from tests._microvm_util import needs_kvm
+from tremus._cow import CopyOnWrite
+from tremus.accel import impl, native
+from tremus.domains.base import DomainError
+from tremus.domains.registry import create_domain
+from tremus.engine.config import ConfigError, ProtectionConfig
+from tremus.engine.events import ProtectionStarted
+from tremus.engine.primary import PrimarySession
+
+PAGE = 4096
+PAGES = 256
+
+
+def _cow_or_skip(ram: mmap.mmap) -> CopyOnWrite:
+    if native is None:
+        pytest.skip("copy-on-write needs the native helper")
+    try:
+        return CopyOnWrite(ram)
+    except OSError as exc:
+        pytest.skip(f"no userfaultfd write-protect here: {exc}")
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["anonymous", "memfd"])
+def test_writers_wait_for_their_page_to_be_copied(shared: bool) -> None:
+    if shared:
+        fd = os.memfd_create("cow-test")
+        os.ftruncate(fd, PAGES * PAGE)
+        ram = mmap.mmap(fd, PAGES * PAGE, mmap.MAP_SHARED)
+        os.close(fd)
+    else:
+        ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    ram[:] = os.urandom(PAGES * PAGE)
+    cow = _cow_or_skip(ram)
+    try:
+        dirty = list(range(0, PAGES, 3)) + [PAGES - 1]
+        pfns = array("Q", sorted(set(dirty))).tobytes()
+        cow.protect(pfns)
+        at_protect = bytes(ram)
+        # Writers that get there before the copy (native memcpy: GIL released while
+        # it waits in the fault), to a protected page near the end of the sweep, to
+        # one at its start, and to a page that is not protected at all.
+        new = os.urandom(PAGE)
+        targets = [PAGES - 1, 0, 1]
+        done: list[int] = []
+
+        def write(pfn: int) -> None:
+            impl.memcpy(memoryview(ram)[pfn * PAGE : (pfn + 1) * PAGE], new)
+            done.append(pfn)
+
+        writers = [threading.Thread(target=write, args=(pfn,)) for pfn in targets]
+        for writer in writers:
+            writer.start()
+        deadline = time.monotonic() + 5
+        while 1 not in done and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)  # the other two are in their fault by now
+        assert done == [1], done  # the unprotected page was written at once, the others wait
+        staging = bytearray(len(pfns) // 8 * PAGE)
+        stats = cow.copy(pfns, staging)
+        for writer in writers:
+            writer.join(5)
+            assert not writer.is_alive()
+        assert sorted(done) == sorted(targets)
+        for k, pfn in enumerate(array("Q", pfns)):
+            assert staging[k * PAGE : (k + 1) * PAGE] == at_protect[pfn * PAGE : (pfn + 1) * PAGE]
+        assert stats.faults >= 2 and stats.copy_us > 0
+        for pfn in targets:
+            assert ram[pfn * PAGE : (pfn + 1) * PAGE] == new
+        # Everything is released: a write from this thread (GIL held) goes through.
+        ram[0:8] = b"released"
+        again = cow.copy(array("Q").tobytes(), staging)
+        assert again.faults == 0
+    finally:
+        cow.close()
+        ram.close()
+
+
+def test_bad_pfns_are_refused_before_anything_is_protected() -> None:
+    ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    cow = _cow_or_skip(ram)
+    try:
+        with pytest.raises(ValueError, match="ascending"):
+            cow.protect(array("Q", [5, 3]).tobytes())
+        with pytest.raises(ValueError, match="below"):
+            cow.protect(array("Q", [PAGES]).tobytes())
+        ram[0:4] = b"free"  # nothing was left protected
+    finally:
+        cow.close()
+        ram.close()
+
+
+def test_capture_must_be_a_known_method() -> None:
+    with pytest.raises(ConfigError, match="capture 'fork'"):
+        ProtectionConfig(capture="fork")
+
+
+class _NoCopyOnWrite:
+    """A micro-VM that does not offer copy-on-write (a domain double: the engine's
+    fallback is under test, not the domain)."""
+
+    def __init__(self, domain: Any) -> None:
+        self._domain = domain
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "copy_on_write":
+            raise AttributeError(name)
+        return getattr(self._domain, name)
+
+
+@needs_kvm
+@pytest.mark.parametrize("capture", ["auto", "cow", "copy"])
+async def test_without_copy_on_write_the_engine_copies_in_the_pause(capture: str) -> None:
+    domain = _NoCopyOnWrite(create_domain("microvm:workload=counter,memory=4M"))
+    session = PrimarySession(domain, None, config=ProtectionConfig(interval_ms=5,  # type: ignore[arg-type]
+                                                                   capture=capture))
+    started: list[ProtectionStarted] = []
+    session.events.add_callback(
+        lambda e: started.append(e) if isinstance(e, ProtectionStarted) else None)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(domain.run)
+            if capture == "cow":
+                with pytest.raises(DomainError, match="copy-on-write is unavailable"):
+                    await session.run()
+            else:
+                await nursery.start(session.run)
+                session.stop()
+                await session.stopped.wait()
+            domain.stop()
+    if capture != "cow":
+        assert [(e.capture, bool(e.capture_note)) for e in started] == [
+            ("copy", capture == "auto")]
+        if capture == "auto":
+            assert "does not offer it" in started[0].capture_note

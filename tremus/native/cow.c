@@ -1,0 +1,293 @@
+/* Copy-on-write capture of a checkpoint's dirty pages with userfaultfd write-protect.
+ *
+ * In the pause the dirty pages are write-protected (wp_protect), which costs about a
+ * tenth of copying them; the guest resumes; then wp_copy copies them into the
+ * staging buffer in pfn order while it serves write faults: a guest (or VMM) write
+ * to a page not yet copied blocks in the kernel until this loop copies that page
+ * first and lifts its protection. Pages are released run by run as the sweep
+ * passes them. Whatever happens, every page protected is unprotected before
+ * wp_copy returns, so a guest is never left blocked.
+ *
+ * Debian's headers predate some of the kernel's features: the few constants that
+ * may be missing are defined here.
+ */
+#include "tremus_native.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+#define UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1 << 12)
+#endif
+
+static inline uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Set or lift write protection on [addr, addr + len); lifting it wakes waiters. */
+static int wp_range(int fd, uint64_t addr, uint64_t len, int protect) {
+    struct uffdio_writeprotect wp = {
+        .range = {.start = addr, .len = len},
+        .mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0,
+    };
+    while (ioctl(fd, UFFDIO_WRITEPROTECT, &wp) != 0) {
+        if (errno != EAGAIN && errno != EINTR)
+            return -1;
+    }
+    return 0;
+}
+
+PyObject *tn_wp_open(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"ram", NULL};
+    Py_buffer ram = {0};
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&:wp_open", kwlist, tn_conv_rw, &ram))
+        return NULL;
+    uint64_t addr = (uint64_t)(uintptr_t)ram.buf, len = (uint64_t)ram.len;
+    PyBuffer_Release(&ram);
+    if (addr % TREMUS_PAGE_SIZE || len % TREMUS_PAGE_SIZE || len == 0) {
+        PyErr_SetString(PyExc_ValueError, "ram must be a non-empty page-aligned mapping");
+        return NULL;
+    }
+    /* Shared memory needs the shmem feature; anonymous memory works without it. */
+    const uint64_t tries[2] = {UFFD_FEATURE_WP_HUGETLBFS_SHMEM, 0};
+    const char *step = "userfaultfd";
+    for (int t = 0; t < 2; t++) {
+        int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+        if (fd < 0)
+            return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "userfaultfd");
+        struct uffdio_api api = {.api = UFFD_API, .features = tries[t]};
+        if (ioctl(fd, UFFDIO_API, &api) != 0) {
+            step = "UFFDIO_API";
+            close(fd);
+            continue;
+        }
+        struct uffdio_register reg = {
+            .range = {.start = addr, .len = len},
+            .mode = UFFDIO_REGISTER_MODE_WP,
+        };
+        if (ioctl(fd, UFFDIO_REGISTER, &reg) != 0) {
+            step = "UFFDIO_REGISTER (write-protect mode)";
+            close(fd);
+            continue;
+        }
+        if (!(reg.ioctls & ((uint64_t)1 << _UFFDIO_WRITEPROTECT))) {
+            close(fd);
+            errno = EOPNOTSUPP;
+            step = "UFFDIO_WRITEPROTECT";
+            continue;
+        }
+        return PyLong_FromLong(fd);
+    }
+    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, step);
+}
+
+/* Validates pfns against the RAM; returns the page count or -1 with an exception. */
+static Py_ssize_t check_pfns(const Py_buffer *pfns, Py_ssize_t ram_len) {
+    if (pfns->len % 8) {
+        PyErr_Format(PyExc_ValueError, "pfns has %zd bytes, not a multiple of 8", pfns->len);
+        return -1;
+    }
+    Py_ssize_t n = pfns->len / 8;
+    uint64_t pages = (uint64_t)ram_len / TREMUS_PAGE_SIZE, last = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t pfn = tn_load_le64((const unsigned char *)pfns->buf + 8 * i);
+        if (pfn >= pages || (i && pfn <= last)) {
+            PyErr_Format(PyExc_ValueError,
+                         "pfns must be ascending and below %llu (pfn %llu at %zd)",
+                         (unsigned long long)pages, (unsigned long long)pfn, i);
+            return -1;
+        }
+        last = pfn;
+    }
+    return n;
+}
+
+/* Write-protect the pages pfns[] of ram: one ioctl per run of consecutive pfns. */
+PyObject *tn_wp_protect(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fd", "ram", "pfns", NULL};
+    int fd;
+    Py_buffer ram = {0}, pfns = {0};
+    PyObject *result = NULL;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&O&:wp_protect", kwlist, &fd, tn_conv_rw,
+                                     &ram, tn_conv_ro, &pfns))
+        return NULL;
+    Py_ssize_t n = check_pfns(&pfns, ram.len);
+    if (n < 0)
+        goto done;
+    uint64_t base = (uint64_t)(uintptr_t)ram.buf;
+    const unsigned char *p = pfns.buf;
+    int failed = 0;
+    Py_ssize_t runs = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n && !failed;) {
+        uint64_t first = tn_load_le64(p + 8 * i);
+        Py_ssize_t j = i + 1;
+        while (j < n && tn_load_le64(p + 8 * j) == first + (uint64_t)(j - i))
+            j++;
+        if (wp_range(fd, base + first * TREMUS_PAGE_SIZE,
+                     (uint64_t)(j - i) * TREMUS_PAGE_SIZE, 1) != 0) {
+            failed = errno;
+            /* Lift what this call protected: nothing may stay protected unserved. */
+            for (Py_ssize_t k = 0; k < i; k++)
+                wp_range(fd, base + tn_load_le64(p + 8 * k) * TREMUS_PAGE_SIZE,
+                         TREMUS_PAGE_SIZE, 0);
+        }
+        runs++;
+        i = j;
+    }
+    Py_END_ALLOW_THREADS
+    if (failed) {
+        errno = failed;
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "UFFDIO_WRITEPROTECT");
+        goto done;
+    }
+    result = PyLong_FromSsize_t(runs);
+done:
+    PyBuffer_Release(&ram);
+    PyBuffer_Release(&pfns);
+    return result;
+}
+
+struct sweep {
+    int fd;
+    uint64_t base;
+    const unsigned char *ram, *pfns;
+    unsigned char *staging, *copied;
+    Py_ssize_t n;
+    uint64_t faults, serve_ns, serve_max_ns;
+    int error;
+};
+
+static Py_ssize_t index_of(const struct sweep *s, uint64_t pfn) {
+    Py_ssize_t lo = 0, hi = s->n;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        uint64_t v = tn_load_le64(s->pfns + 8 * mid);
+        if (v == pfn)
+            return mid;
+        if (v < pfn)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return -1;
+}
+
+static inline void copy_page(struct sweep *s, Py_ssize_t k) {
+    uint64_t pfn = tn_load_le64(s->pfns + 8 * k);
+    memcpy(s->staging + (size_t)k * TREMUS_PAGE_SIZE, s->ram + pfn * TREMUS_PAGE_SIZE,
+           TREMUS_PAGE_SIZE);
+    s->copied[k] = 1;
+}
+
+/* Serve every write fault waiting now: copy the page if the sweep has not yet,
+ * then lift its protection, which wakes the writer. */
+static void serve_faults(struct sweep *s) {
+    struct uffd_msg msgs[16];
+    for (;;) {
+        ssize_t got = read(s->fd, msgs, sizeof msgs);
+        if (got <= 0) {
+            if (got < 0 && errno != EAGAIN && errno != EINTR && !s->error)
+                s->error = errno;
+            return;
+        }
+        for (ssize_t m = 0; m < got / (ssize_t)sizeof msgs[0]; m++) {
+            if (msgs[m].event != UFFD_EVENT_PAGEFAULT)
+                continue;
+            uint64_t t0 = now_ns();
+            uint64_t page = msgs[m].arg.pagefault.address & ~(uint64_t)(TREMUS_PAGE_SIZE - 1);
+            Py_ssize_t k = index_of(s, (page - s->base) / TREMUS_PAGE_SIZE);
+            if (k >= 0 && !s->copied[k])
+                copy_page(s, k);
+            if (wp_range(s->fd, page, TREMUS_PAGE_SIZE, 0) != 0 && !s->error)
+                s->error = errno;
+            uint64_t took = now_ns() - t0;
+            s->faults++;
+            s->serve_ns += took;
+            if (took > s->serve_max_ns)
+                s->serve_max_ns = took;
+        }
+    }
+}
+
+/* wp_copy(fd, ram, pfns, staging, run_pages=64) -> (faults, serve_ns, serve_max_ns, copy_ns)
+ *
+ * Page k of staging becomes page pfns[k] of ram as it was when wp_protect ran. */
+PyObject *tn_wp_copy(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fd", "ram", "pfns", "staging", "run_pages", NULL};
+    int fd;
+    Py_ssize_t run_pages = 64;
+    Py_buffer ram = {0}, pfns = {0}, staging = {0};
+    PyObject *result = NULL;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&O&O&|n:wp_copy", kwlist, &fd, tn_conv_rw,
+                                     &ram, tn_conv_ro, &pfns, tn_conv_rw, &staging,
+                                     &run_pages))
+        return NULL;
+    Py_ssize_t n = check_pfns(&pfns, ram.len);
+    if (n < 0)
+        goto done;
+    if (staging.len / TREMUS_PAGE_SIZE < n) {
+        PyErr_Format(PyExc_ValueError, "staging holds %zd pages, %zd are dirty",
+                     staging.len / TREMUS_PAGE_SIZE, n);
+        goto done;
+    }
+    if (run_pages < 1)
+        run_pages = 1;
+    struct sweep s = {
+        .fd = fd, .base = (uint64_t)(uintptr_t)ram.buf, .ram = ram.buf, .pfns = pfns.buf,
+        .staging = staging.buf, .n = n,
+    };
+    s.copied = calloc(n ? (size_t)n : 1, 1);
+    if (s.copied == NULL) {
+        /* Cannot track: lift every protection so that no writer stays blocked. */
+        for (Py_ssize_t k = 0; k < n; k++)
+            wp_range(fd, s.base + tn_load_le64(s.pfns + 8 * k) * TREMUS_PAGE_SIZE,
+                     TREMUS_PAGE_SIZE, 0);
+        PyErr_NoMemory();
+        goto done;
+    }
+    uint64_t started = now_ns();
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n;) {
+        serve_faults(&s);
+        uint64_t first = tn_load_le64(s.pfns + 8 * i);
+        Py_ssize_t j = i + 1;
+        while (j < n && j - i < run_pages && tn_load_le64(s.pfns + 8 * j) == first + (uint64_t)(j - i))
+            j++;
+        for (Py_ssize_t k = i; k < j; k++)
+            if (!s.copied[k])
+                copy_page(&s, k);
+        if (wp_range(fd, s.base + first * TREMUS_PAGE_SIZE, (uint64_t)(j - i) * TREMUS_PAGE_SIZE,
+                     0) != 0 && !s.error)
+            s.error = errno;
+        i = j;
+    }
+    /* Writers woken by the last runs left their messages: read them (no copy needed). */
+    serve_faults(&s);
+    Py_END_ALLOW_THREADS
+    uint64_t copy_ns = now_ns() - started;
+    free(s.copied);
+    if (s.error) {
+        errno = s.error;
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "userfaultfd copy-on-write");
+        goto done;
+    }
+    result = Py_BuildValue("(KKKK)", (unsigned long long)s.faults,
+                           (unsigned long long)s.serve_ns, (unsigned long long)s.serve_max_ns,
+                           (unsigned long long)copy_ns);
+done:
+    PyBuffer_Release(&ram);
+    PyBuffer_Release(&pfns);
+    PyBuffer_Release(&staging);
+    return result;
+}
