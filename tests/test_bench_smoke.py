@@ -26,8 +26,8 @@ HAS_KVM = os.access("/dev/kvm", os.R_OK | os.W_OK)
 BENCHES = [
     ("copyloop", ["--quick"], False,
      {"dirty_pages", "gather_gbps", "memcpy_gbps", "ratio_to_memcpy"}),
-    ("pause", ["--quick"], True,
-     {"dirty_pages", "pause_us", "pause_us_p90", "kick_us"}),
+    ("pause", ["--smoke"], True,
+     {"method", "dirty_pages", "pause_us", "pause_us_p90", "kick_us", "capture_us"}),
     ("throughput", ["--smoke"], False,
      {"codec", "topology", "dirty_pages", "bytes_sent", "gbps", "socket_gbps",
       "ratio_to_socket"}),
