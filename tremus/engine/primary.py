@@ -478,7 +478,7 @@ class PrimarySession:
                 dirty = domain.read_and_clear_dirty()
                 pfns = memoryview(self._all_pfns) if full else dirty.cast("B")
                 assert self._staging is not None
-                if cow is not None:
+                if cow is not None and len(pfns) // 8 >= cow.min_pages:
                     cow.protect(pfns)
                     protected = True
                 else:
