@@ -33,7 +33,7 @@ PRIMARY_ONLY = {
     "tremus_checkpoints_sent", "tremus_checkpoints_acked", "tremus_checkpoint_bytes_sent",
     "tremus_output_released_packets", "tremus_backup_lost", "tremus_device_failures",
     "tremus_protected", "tremus_last_acked_epoch", "tremus_pause_seconds",
-    "tremus_round_trip_seconds",
+    "tremus_round_trip_seconds", "tremus_cow_copy_seconds", "tremus_cow_faults",
 }
 BACKUP_ONLY = {
     "tremus_checkpoints_applied", "tremus_checkpoint_bytes_received",
@@ -78,7 +78,14 @@ def test_metrics_follow_events() -> None:
     assert 'tremus_last_acked_epoch{role="primary"} 2.0' in text
     assert 'tremus_pause_seconds_bucket{le="0.0005",role="primary"} 3.0' in text
     assert 'tremus_pause_seconds_bucket{le="0.00025",role="primary"} 0.0' in text
-    hub.emit(BackupLost(reason="gone", last_acked_epoch=2))
+    assert 'tremus_cow_copy_seconds_count{role="primary"} 0.0' in text
+    hub.emit(CheckpointAcked(epoch=3, dirty_pages=300, pause_us=200.0, kick_us=50.0,
+                             bytes_sent=1000, raw_bytes=40960, round_trip_ms=1.0,
+                             copy_us=400.0, cow_faults=7))
+    text = metrics.render()
+    assert 'tremus_cow_copy_seconds_bucket{le="0.0005",role="primary"} 1.0' in text
+    assert 'tremus_cow_faults_total{role="primary"} 7.0' in text
+    hub.emit(BackupLost(reason="gone", last_acked_epoch=3))
     text = metrics.render()
     assert 'tremus_protected{role="primary"} 0.0' in text
     assert 'tremus_backup_lost_total{role="primary"} 1.0' in text

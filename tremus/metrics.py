@@ -20,8 +20,9 @@ always zero):
 - primary: ``tremus_checkpoints_{sent,acked}_total``,
   ``tremus_checkpoint_bytes_sent_total``, ``tremus_output_released_packets_total``,
   ``tremus_backup_lost_total``, ``tremus_device_failures_total``,
-  ``tremus_protected``, ``tremus_last_acked_epoch``, and the histograms
-  ``tremus_pause_seconds`` and ``tremus_round_trip_seconds``;
+  ``tremus_protected``, ``tremus_last_acked_epoch``, ``tremus_cow_faults_total``, and
+  the histograms ``tremus_pause_seconds``, ``tremus_round_trip_seconds`` and
+  ``tremus_cow_copy_seconds``;
 - backup: ``tremus_checkpoints_applied_total``,
   ``tremus_checkpoint_bytes_received_total``, ``tremus_failovers_started_total``,
   ``tremus_failovers_total``, ``tremus_failovers_refused_total``,
@@ -195,6 +196,14 @@ class Metrics:
             "tremus_round_trip_seconds",
             "Checkpoint round trip, from sending it to the backup's acknowledgement, in "
             "seconds (held output waits this long).")
+        self._copy = self._histogram(
+            "tremus_cow_copy_seconds",
+            "Copy-on-write capture: the copy of a checkpoint's pages after the guest "
+            "resumed, in seconds (the checkpoint is sent after it).")
+        self._cow_faults = self._counter(
+            "tremus_cow_faults_total",
+            "Copy-on-write capture: guest writes that waited for their page to be "
+            "copied first.")
         self._on(CheckpointSent, lambda e: self._sent.inc())
         self._on(CheckpointAcked, self._checkpoint_acked)
         self._on(OutputReleased, lambda e: self._released.inc(e.packets))
@@ -285,6 +294,9 @@ class Metrics:
         self._last_acked.set(event.epoch)
         self._pause.observe(_seconds(event.pause_us / 1e6))
         self._round_trip.observe(_seconds(event.round_trip_ms / 1e3))
+        if event.copy_us:
+            self._copy.observe(_seconds(event.copy_us / 1e6))
+            self._cow_faults.inc(event.cow_faults)
 
     def _backup_gone(self, event: BackupLost) -> None:
         self._protected.set(0)
