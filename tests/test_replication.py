@@ -211,7 +211,7 @@ async def test_verify_replica_equals_primary_at_every_checkpoint(
                 assert faults > 0  # the guest did write pages that were being copied
         pair.primary.stop()
         await pair.backup_done.wait()
-        assert pair.outcome is BackupOutcome.ENDED
+        assert pair.outcome is BackupOutcome.ENDED, pair.of(FailoverRefused, "backup")
 
 
 async def test_stream_cut_mid_checkpoint_fails_over_to_the_previous_one() -> None:
@@ -309,7 +309,7 @@ async def test_device_failure_stops_protection_loudly_and_the_guest_runs_on() ->
         await wait_until(lambda: device.released_all, timeout=lost.hold_ms / 1000 + 5)
         await pair.backup_done.wait()
         # The backup was told (END): no failover.
-        assert pair.outcome is BackupOutcome.ENDED
+        assert pair.outcome is BackupOutcome.ENDED, pair.of(FailoverRefused, "backup")
         assert not pair.of(FailoverStarted, "backup")
         acked = len(pair.of(CheckpointAcked))
         await trio.sleep(0.3)
@@ -382,7 +382,7 @@ async def test_stop_during_a_checkpoint_ends_gracefully_without_failover() -> No
         await slow[0].sending.wait()  # the full first checkpoint is on its way
         pair.primary.stop()
         await pair.backup_done.wait()
-        assert pair.outcome is BackupOutcome.ENDED
+        assert pair.outcome is BackupOutcome.ENDED, pair.of(FailoverRefused, "backup")
         assert not pair.of(FailoverStarted, "backup")
 
 
@@ -398,7 +398,7 @@ async def test_a_large_guest_synchronises_without_looking_dead() -> None:
         assert not pair.of(BackupLost) and not pair.of(FailoverStarted, "backup")
         pair.primary.stop()
         await pair.backup_done.wait()
-        assert pair.outcome is BackupOutcome.ENDED
+        assert pair.outcome is BackupOutcome.ENDED, pair.of(FailoverRefused, "backup")
 
 
 async def test_a_checkpoint_cut_half_way_leaves_the_replica_at_the_last_complete_one() -> None:

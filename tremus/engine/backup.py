@@ -378,9 +378,15 @@ class BackupSession:
             # The first, written through: the replica already holds its pages.
             self._commit(checkpoint, time.perf_counter())
             self._stager.write_through = False  # from now on the replica is worth keeping
-            await self._link.send(p.Ack(checkpoint.epoch))
+            await self._send_while_serving(p.Ack(checkpoint.epoch))
             return
-        await self._link.send(p.Ack(checkpoint.epoch))
+        if not await self._send_while_serving(p.Ack(checkpoint.epoch)):
+            # The primary is gone (or ended: its END is read next). It never learnt
+            # of this checkpoint: fail over, if at all, to the one before, as a
+            # primary that died just before sending it would have us do; and since
+            # later checkpoints build on this one, none may follow.
+            self._frozen = True
+            return
         self._applied = trio.Event()
         nursery.start_soon(self._apply, checkpoint, self._applied)
 
@@ -430,8 +436,22 @@ class BackupSession:
             await trio.sleep(self.config.heartbeat_ms / 1000)
             self._heartbeat_seq += 1
             self._heartbeats_sent.append((self._heartbeat_seq, trio.current_time()))
-            await self._link.send(p.Heartbeat(self._heartbeat_seq, time.time(),
-                                              echo=self._conn.their_heartbeat_seq))
+            heartbeat = p.Heartbeat(self._heartbeat_seq, time.time(),
+                                    echo=self._conn.their_heartbeat_seq)
+            if not await self._send_while_serving(heartbeat):
+                return
+
+    async def _send_while_serving(self, event: p.Event) -> bool:
+        """Send ``event``; False if the connection is broken. How the primary went is
+        for the receive loop to find out, not for a send: a primary that ended
+        gracefully may close its socket right after END (with a reset, if our
+        last frames were still unread there), and a send that fails before END is
+        read must not make a graceful end look like a failure, or a failover."""
+        try:
+            await self._link.send(event)
+        except PrimaryFailed:
+            return False
+        return True
 
     def _heard(self, echo: int) -> None:
         for seq, sent_at in self._heartbeats_sent:
