@@ -316,15 +316,16 @@ class PrimarySession:
         if method == "copy":
             return None, ""
         offer = getattr(self.domain, "copy_on_write", None)
-        try:
-            if offer is None:
-                raise DomainError(f"the {self.domain.driver} domain does not offer it")
-            cow = offer()
-        except DomainError as exc:
-            if method == "cow":
-                raise DomainError(f"capture 'cow': copy-on-write is unavailable: {exc}") from exc
-            return None, f"copy-on-write is unavailable: {exc}"
-        return cow, ""
+        if offer is None:
+            why = f"the {self.domain.driver} domain does not offer it"
+        else:
+            try:
+                return offer(), ""
+            except DomainError as exc:
+                why = str(exc)
+        if method == "cow":
+            raise DomainError(f"capture 'cow': copy-on-write is unavailable: {why}")
+        return None, f"copy-on-write is unavailable: {why}"
 
     async def _watch_lease(self) -> None:
         await self._lease_lost.wait()
