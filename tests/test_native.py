@@ -747,6 +747,56 @@ def test_kick_and_buffer_address_errors(tiny_vm: TinyVM) -> None:
     assert native.buffer_address(buf) == ctypes.addressof((ctypes.c_char * 16).from_buffer(buf))
 
 
+@needs_native
+@pytest.mark.parametrize("spin_ns", [0, 50_000_000])
+def test_a_parked_thread_leaves_only_when_released(spin_ns: int) -> None:
+    """kvm_wait_run (vcpu_fd < 0: park only) says it parked once it let go of the
+    GIL, spinning or sleeping leaves on the release flag alone: a write to the
+    eventfd left over from an earlier release only wakes it to look again."""
+    assert native is not None
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    flags = bytearray(2)
+    results: list[tuple[int, int]] = []
+    thread = threading.Thread(
+        target=lambda: results.append(native.kvm_wait_run(fd, -1, flags, spin_ns)), daemon=True)
+    try:
+        os.eventfd_write(fd, 1)  # stale: no release flag
+        thread.start()
+        assert native.spin_until_set(flags, 10_000_000_000)
+        assert flags[0] == 1
+        time.sleep(0.1)
+        assert thread.is_alive() and not results
+        released = time.perf_counter_ns()
+        flags[1] = 1
+        os.eventfd_write(fd, 1)
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        rc, woke_ns = results[0]
+        assert rc == 0 and woke_ns >= released
+    finally:
+        flags[1] = 1
+        os.eventfd_write(fd, 1)
+        thread.join(timeout=10)
+        os.close(fd)
+
+
+@needs_native
+def test_spin_until_set_times_out_and_checks_its_buffer() -> None:
+    assert native is not None
+    flag = bytearray(1)
+    started = time.perf_counter_ns()
+    assert native.spin_until_set(flag, 2_000_000) is False
+    assert time.perf_counter_ns() - started >= 2_000_000
+    flag[0] = 1
+    assert native.spin_until_set(flag, 0) is True
+    with pytest.raises(ValueError):
+        native.spin_until_set(bytearray(0), 0)
+    with pytest.raises(TypeError):
+        native.spin_until_set(b"\x01", 0)
+    with pytest.raises(ValueError):
+        native.kvm_wait_run(-1, -1, bytearray(1))
+
+
 @needs_kvm
 def test_dirty_log_is_clean_before_the_guest_runs(tiny_vm: TinyVM) -> None:
     assert native is not None

@@ -68,10 +68,14 @@ def get_dirty_log(vm_fd: int, slot: int, bitmap: Buffer) -> None:
 def kvm_get_vcpu_state(vcpu_fd: int) -> tuple[bytes, bytes, bytes]:
     """KVM_GET_REGS, KVM_GET_SREGS and KVM_GET_FPU in one call; OSError on failure."""
 
-def kvm_wait_run(wait_fd: int, vcpu_fd: int) -> tuple[int, int]:
-    """Wait (GIL released) until the eventfd ``wait_fd`` is written, then KVM_RUN at
-    once (skipped if ``vcpu_fd`` < 0). Returns (0 or -errno, CLOCK_MONOTONIC ns at the
-    end of the wait)."""
+def kvm_wait_run(wait_fd: int, vcpu_fd: int, flags: Buffer, spin_ns: int = 0) -> tuple[int, int]:
+    """Park (GIL released): set ``flags[0]``, wait until ``flags[1]`` is set (spinning
+    up to ``spin_ns``, then sleeping on the eventfd ``wait_fd``, written after it),
+    then KVM_RUN at once (skipped if ``vcpu_fd`` < 0). Returns (0 or -errno,
+    CLOCK_MONOTONIC ns at the end of the wait)."""
+
+def spin_until_set(flag: Buffer, timeout_ns: int) -> bool:
+    """Spin (GIL released) until ``flag[0]`` is non-zero, or ``timeout_ns`` passed."""
 
 def install_kick_handler(signum: int) -> None:
     """Install a no-op handler for ``signum`` without SA_RESTART (process-wide)."""

@@ -86,6 +86,7 @@ PyObject *tn_kvm_run(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kvm_get_vcpu_state(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_spin_until_set(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_install_kick_handler(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kick(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_buffer_address(PyObject *self, PyObject *args, PyObject *kw);
