@@ -2,8 +2,7 @@
 
 Every benchmark prints one JSON object on stdout,
 ``{"bench": NAME, "machine": {...}, "results": [...]}``, so that results can be
-recorded and compared across machines (see DESIGN.md, "Benchmarks: the
-convention"). Progress and diagnostics go to stderr, never stdout.
+recorded and compared across machines. Progress and diagnostics go to stderr, never stdout.
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ async def test_unknown_qdisc_kind_is_a_clear_error(netns: str) -> None:
         lo = await _index(sock, "lo")
         with pytest.raises(NetlinkError) as info:
             await sock.request(plug_add_msg(lo, 10000, 0), what="add plug qdisc on lo")
-    # On kernels with sch_plug this would succeed; ours has none (host-kvm.md).
+    # On kernels with sch_plug this would succeed; this one has none.
     assert info.value.errno == errno.ENOENT
     assert "Specified qdisc kind is unknown" in str(info.value)
     assert str(info.value).startswith("add plug qdisc on lo: ")

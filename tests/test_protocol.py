@@ -1,6 +1,6 @@
 """The wire protocol: framing, both roles' rules, staging, and what bad input does.
 
-The invariant behind most of these tests (DESIGN.md, "Quality bars"): a malformed,
+The invariant behind most of these tests: a malformed,
 truncated, oversized, out-of-order or unauthenticated frame is a ProtocolError with a
 precise message, and never changes the replica.
 """

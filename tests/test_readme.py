@@ -376,6 +376,21 @@ def test_documents_point_only_into_the_repository(doc: Path) -> None:
     assert not missing, f"{doc.name} names files that are not in the repository: {missing}"
 
 
+def test_no_file_of_the_project_points_at_notes_outside_it() -> None:
+    """Source, tests and benchmarks stand on their own too: no docstring or comment
+    sends the reader to design notes that are not in the repository."""
+    offenders = []
+    for path in sorted(ROOT.rglob("*")):
+        if (".git" in path.parts or not path.is_file() or path == Path(__file__)
+                or path.suffix not in {".py", ".c", ".h", ".md", ".sh", ".toml", ".pyi"}):
+            continue
+        text = path.read_text(errors="replace")
+        found = [word for word in _FORBIDDEN if word in text]
+        if found:
+            offenders.append(f"{path.relative_to(ROOT)}: {found}")
+    assert not offenders, offenders
+
+
 # -- the quick start's demo ------------------------------------------------------------------
 
 _SUMMARY_FIELDS = {

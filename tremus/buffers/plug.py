@@ -23,7 +23,7 @@ Kernels without ``CONFIG_NET_SCH_PLUG`` (like our machines') answer step 4 with
 :class:`PlugUnavailableError`, which names the alternative, ``--netbuf nfqueue``.
 
 The message builders are pure functions so that tests compare them byte for byte
-with what iproute2 sends (``reference/netlink.md``).
+with what iproute2 6.1 sends (captured with strace).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The primary's epoch loop: suspend, copy, resume, send, and commit on ACK.
 
-Per epoch N (DESIGN.md, "The epoch, precisely"):
+Per epoch N:
 
 1. wait for the interval, measured from the previous resume;
 2. suspend the domain; ``postsuspend(N)`` on every device (close epoch N's output);
