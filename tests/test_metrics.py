@@ -117,15 +117,44 @@ def test_every_metric_says_what_it_means(role: str) -> None:
         assert family.documentation, family.name
 
 
-def test_each_role_exports_only_what_applies_to_it() -> None:
-    primary = {f.name for f in Metrics("primary").registry.collect()}
-    backup = {f.name for f in Metrics("backup").registry.collect()}
-    assert primary == PRIMARY_ONLY | SHARED
-    assert backup == BACKUP_ONLY | SHARED
-    assert not primary & BACKUP_ONLY and not backup & PRIMARY_ONLY
+def _roles(metrics: Metrics) -> dict[str, set[str]]:
+    """Metric family name -> the role labels of its series."""
+    return {f.name: {sample.labels["role"] for sample in f.samples}
+            for f in metrics.registry.collect()}
 
 
-def test_a_role_ignores_the_other_roles_events() -> None:
+def test_each_role_exports_what_applies_to_it() -> None:
+    primary, backup = _roles(Metrics("primary")), _roles(Metrics("backup"))
+    assert set(primary) == PRIMARY_ONLY | SHARED
+    assert all(roles == {"primary"} for roles in primary.values())
+    # A backup is also the primary of the guests that failed over to it (failback):
+    # it exports a primary's metrics too, as role="primary".
+    assert set(backup) == BACKUP_ONLY | SHARED | PRIMARY_ONLY
+    for name in BACKUP_ONLY:
+        assert backup[name] <= {"backup"}, name
+    for name in PRIMARY_ONLY:
+        assert backup[name] == {"primary"}, name
+    assert backup["tremus_checkpoint_pages"] == {"primary", "backup"}
+
+
+def test_a_backup_that_protects_a_failed_over_guest_counts_it_as_its_primary() -> None:
+    metrics, hub = _attached("backup")
+    hub.emit(CheckpointApplied(epoch=1, pages=5, bytes_received=100, apply_us=10.0))
+    hub.emit(FailoverComplete(epoch=1, downtime_ms=10.0, host="h"))
+    hub.emit(ProtectionStarted(domain="microvm", backup="c:7400", interval_ms=25.0,
+                               codec="raw", devices=()))
+    hub.emit(_acked(0, pause_us=100.0, round_trip_ms=1.0))
+    sample = metrics.registry.get_sample_value
+    assert sample("tremus_protected", {"role": "primary"}) == 1
+    assert sample("tremus_checkpoints_acked_total", {"role": "primary"}) == 1
+    assert sample("tremus_pause_seconds_count", {"role": "primary"}) == 1
+    assert sample("tremus_checkpoint_pages_total", {"role": "primary"}) == 10
+    assert sample("tremus_checkpoint_pages_total", {"role": "backup"}) == 5
+    assert sample("tremus_checkpoints_applied_total", {"role": "backup"}) == 1
+    assert sample("tremus_guests_running", {"role": "backup"}) == 1
+
+
+def test_a_primary_ignores_a_backups_events() -> None:
     metrics, hub = _attached("primary")
     hub.emit(CheckpointApplied(epoch=1, pages=5, bytes_received=100, apply_us=10.0))
     hub.emit(ReplicaOpened(guest="web", peer="10.0.0.1:4000", ram_bytes=1 << 20))
@@ -334,3 +363,41 @@ async def test_protect_serves_metrics() -> None:
         assert (await _get(metrics_port, "/other")).startswith(b"HTTP/1.0 404")
         primary.kill()
         backup.kill()
+
+
+@needs_kvm
+async def test_backup_serves_metrics_of_the_replicas_it_holds() -> None:
+    port, metrics_port = free_port(), free_port()
+    async with trio.open_nursery() as nursery:
+        backup = await start_tremus(nursery, "backup", "backup", "--listen",
+                                    f"127.0.0.1:{port}", "--metrics",
+                                    f"127.0.0.1:{metrics_port}", "--json")
+        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+        primaries = [
+            await start_tremus(
+                nursery, name, "protect", "--domain",
+                f"microvm:name={name},workload=counter,memory=8M",
+                "--backup", f"127.0.0.1:{port}", "--json")
+            for name in ("db", "web")]
+        for primary in primaries:
+            await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 3, what="acks")
+        reply = (await _get(metrics_port, "/metrics")).decode()
+        assert reply.startswith("HTTP/1.0 200 OK")
+        for guest in ("db", "web"):
+            assert f'tremus_replica{{guest="{guest}",role="backup"}} 1.0' in reply
+            assert f'tremus_replica_ram_bytes{{guest="{guest}",role="backup"}} 8.388608e+06' \
+                in reply
+        applied = re.search(r'^tremus_checkpoints_applied_total\{role="backup"\} (\S+)$', reply,
+                            re.MULTILINE)
+        assert applied is not None and float(applied.group(1)) >= 6
+        assert 'tremus_protected{role="primary"} 0.0' in reply  # protects nothing itself
+        primaries[1].kill()  # web's primary dies: web fails over, its replica is closed
+        await backup.wait_for(lambda b: b.of("failover_complete"), what="failover")
+        reply = (await _get(metrics_port, "/metrics")).decode()
+        assert 'tremus_replica{guest="db",role="backup"} 1.0' in reply
+        assert 'guest="web"' not in reply
+        assert 'tremus_guests_running{role="backup"} 1.0' in reply
+        assert 'tremus_failovers_total{role="backup"} 1.0' in reply
+        primaries[0].kill()
+        backup.kill()
+

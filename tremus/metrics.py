@@ -13,8 +13,7 @@ Labels. Every series carries a ``role`` label, ``role="primary"`` or
 per-replica gauges of a backup also carry ``guest="NAME"``.
 
 Each role exports only the metrics that its events can move (a primary's
-``tremus_replica`` would always be empty, a backup's ``tremus_pause_seconds``
-always zero):
+``tremus_replica`` would always be empty):
 
 - both: ``tremus_checkpoint_pages_total`` and ``tremus_ownership_{taken,lost,refused}_total``;
 - primary: ``tremus_checkpoints_{sent,acked}_total``,
@@ -31,7 +30,9 @@ always zero):
   ``tremus_last_applied_epoch``, ``tremus_last_failover_downtime_seconds``,
   ``tremus_guests_running``, ``tremus_replica{guest}``,
   ``tremus_replica_ram_bytes{guest}``, and the histograms ``tremus_apply_seconds``
-  and ``tremus_disk_durable_seconds``.
+  and ``tremus_disk_durable_seconds`` — and, as a backup protects the guests that
+  failed over to it (failback) and is then their primary, the primary's metrics too,
+  with ``role="primary"``.
 
 Counters keep the names they have always had on the wire (``..._total``).
 prometheus_client also exports a ``..._created`` timestamp beside each counter
@@ -114,6 +115,9 @@ class Metrics:
     sees, and ``registry`` is the ``CollectorRegistry`` to serve or embed elsewhere.
     """
 
+    _PAGES_HELP: Final = ("Guest memory pages in acknowledged checkpoints (primary: pages sent "
+                          "and acknowledged; backup: pages applied to the replica).")
+
     def __init__(self, role: str) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, not {role!r}")
@@ -121,13 +125,11 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self._handlers: dict[type[Event], Callable[[Any], None]] = {}
         self._replicas: set[str] = set()
+        self._families: dict[str, Counter] = {}
         self._guests_running = 0
 
         # Both roles: pages move on both sides, and both may hold an arbiter lease.
-        self._pages = self._counter(
-            "tremus_checkpoint_pages_total",
-            "Guest memory pages in acknowledged checkpoints (primary: pages sent and "
-            "acknowledged; backup: pages applied to the replica).")
+        self._pages = self._counter("tremus_checkpoint_pages_total", self._PAGES_HELP)
         self._ownership_taken = self._counter(
             "tremus_ownership_taken_total",
             "Times this side took ownership of the guest in the arbiter (a lease of its own).")
@@ -141,69 +143,82 @@ class Metrics:
         self._on(OwnershipTaken, lambda e: self._ownership_taken.inc())
         self._on(OwnershipLost, lambda e: self._ownership_lost.inc())
         self._on(OwnershipRefused, lambda e: self._ownership_refused.inc())
-        if role == "primary":
-            self._init_primary()
-        else:
+        if role == "backup":
             self._init_backup()
+        # A backup also protects the guests that failed over to it (failback): it is
+        # then their primary, and exports a primary's metrics, role="primary".
+        self._init_primary()
 
     # -- construction -------------------------------------------------------------
-    def _counter(self, name: str, documentation: str) -> Counter:
-        """A counter of this role, at 0 from the start (so that rates exist at once)."""
-        return Counter(name, documentation, ["role"], registry=self.registry).labels(self.role)
+    def _counter(self, name: str, documentation: str, role: str | None = None) -> Counter:
+        """A counter of ``role`` (this one's by default), at 0 from the start (so that
+        rates exist at once). A name both roles use is one family with two series."""
+        family = self._families.get(name)
+        if family is None:
+            family = self._families[name] = Counter(name, documentation, ["role"],
+                                                    registry=self.registry)
+        return family.labels(role or self.role)
 
-    def _gauge(self, name: str, documentation: str, value: float = 0.0) -> Gauge:
-        gauge = Gauge(name, documentation, ["role"], registry=self.registry).labels(self.role)
+    def _gauge(self, name: str, documentation: str, value: float = 0.0,
+               role: str | None = None) -> Gauge:
+        gauge = Gauge(name, documentation, ["role"], registry=self.registry).labels(
+            role or self.role)
         gauge.set(value)
         return gauge
 
-    def _histogram(self, name: str, documentation: str) -> Histogram:
+    def _histogram(self, name: str, documentation: str, role: str | None = None) -> Histogram:
         return Histogram(name, documentation, ["role"], registry=self.registry,
-                         buckets=LATENCY_BUCKETS).labels(self.role)
+                         buckets=LATENCY_BUCKETS).labels(role or self.role)
 
     def _on(self, kind: type[Event], handler: Callable[[Any], None]) -> None:
         self._handlers[kind] = handler
 
     def _init_primary(self) -> None:
+        role = "primary"
+        self._pages_acked = self._counter(
+            "tremus_checkpoint_pages_total", self._PAGES_HELP, role)
         self._sent = self._counter(
             "tremus_checkpoints_sent_total",
-            "Checkpoints sent to the backup (acknowledged or not yet).")
+            "Checkpoints sent to the backup (acknowledged or not yet).", role)
         self._acked = self._counter(
             "tremus_checkpoints_acked_total",
             "Checkpoints the backup acknowledged: each one is a point the guest can fail "
-            "over to.")
+            "over to.", role)
         self._bytes_sent = self._counter(
             "tremus_checkpoint_bytes_sent_total",
-            "Bytes of acknowledged checkpoints sent to the backup (after compression).")
+            "Bytes of acknowledged checkpoints sent to the backup (after compression).", role)
         self._released = self._counter(
             "tremus_output_released_packets_total",
-            "Network packets held until their checkpoint was acknowledged, then released.")
+            "Network packets held until their checkpoint was acknowledged, then released.", role)
         self._backup_lost = self._counter(
             "tremus_backup_lost_total",
-            "Times the backup was lost; the guest then runs on unprotected.")
+            "Times the backup was lost; the guest then runs on unprotected.", role)
         self._device_failures = self._counter(
             "tremus_device_failures_total",
-            "Failures of a protected device (a disk or a network output buffer).")
+            "Failures of a protected device (a disk or a network output buffer).", role)
         self._protected = self._gauge(
             "tremus_protected",
-            "1 while the guest is protected (a backup acknowledges its checkpoints), else 0.")
+            "1 while the guest is protected (a backup acknowledges its checkpoints), else 0 "
+            "(on a backup: the latest guest that failed over to it and is protected again).",
+            role=role)
         self._last_acked = self._gauge(
             "tremus_last_acked_epoch",
-            "Epoch of the latest checkpoint the backup acknowledged (-1: none yet).", -1)
+            "Epoch of the latest checkpoint the backup acknowledged (-1: none yet).", -1, role)
         self._pause = self._histogram(
             "tremus_pause_seconds",
-            "How long the guest was paused to take a checkpoint, in seconds.")
+            "How long the guest was paused to take a checkpoint, in seconds.", role)
         self._round_trip = self._histogram(
             "tremus_round_trip_seconds",
             "Checkpoint round trip, from sending it to the backup's acknowledgement, in "
-            "seconds (held output waits this long).")
+            "seconds (held output waits this long).", role)
         self._copy = self._histogram(
             "tremus_cow_copy_seconds",
             "Copy-on-write capture: the copy of a checkpoint's pages after the guest "
-            "resumed, in seconds (the checkpoint is sent after it).")
+            "resumed, in seconds (the checkpoint is sent after it).", role)
         self._cow_faults = self._counter(
             "tremus_cow_faults_total",
             "Copy-on-write capture: guest writes that waited for their page to be "
-            "copied first.")
+            "copied first.", role)
         self._on(CheckpointSent, lambda e: self._sent.inc())
         self._on(CheckpointAcked, self._checkpoint_acked)
         self._on(OutputReleased, lambda e: self._released.inc(e.packets))
@@ -290,7 +305,7 @@ class Metrics:
     def _checkpoint_acked(self, event: CheckpointAcked) -> None:
         self._acked.inc()
         self._bytes_sent.inc(event.bytes_sent)
-        self._pages.inc(event.dirty_pages)
+        self._pages_acked.inc(event.dirty_pages)
         self._last_acked.set(event.epoch)
         self._pause.observe(_seconds(event.pause_us / 1e6))
         self._round_trip.observe(_seconds(event.round_trip_ms / 1e3))
