@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import trio
 
 from tests._microvm_util import needs_kvm
 from tremus import aio
 from tremus.domains.registry import create_domain
 from tremus.engine.config import ProtectionConfig
-from tremus.engine.events import CheckpointAcked, EventHub, OperationComplete
+from tremus.engine.events import CheckpointAcked, EventHub, OperationCancelled, OperationComplete
 from tremus.engine.primary import PrimarySession
 
 pytestmark = needs_kvm
@@ -96,8 +97,13 @@ def test_operation_completion_event() -> None:
             await failed.wait()
         except ValueError:
             pass
+        unneeded: Operation[int] = Operation("failover", hub)
+        unneeded.cancel("the primary ended protection")
+        with pytest.raises(OperationCancelled, match="the primary ended protection"):
+            await unneeded.wait()
         return [e for e in seen if isinstance(e, OperationComplete)]
 
     events = trio.run(main)
-    assert [(e.operation, e.ok, e.error) for e in events] == [("demo", True, None),
-                                                             ("broken", False, "nope")]
+    assert [(e.operation, e.ok, e.error, e.cancelled) for e in events] == [
+        ("demo", True, None, False), ("broken", False, "nope", False),
+        ("failover", False, "the primary ended protection", True)]

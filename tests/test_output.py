@@ -124,7 +124,7 @@ def test_a_burst_of_checkpoints_is_a_status_line_with_the_right_figures() -> Non
     assert f"rtt p50 {rtt:.2f} ms" in line
     per_second = sum(1000 + i for i in window) / (len(window) * STEP)
     assert f"{per_second / 1000:.1f} kB/s sent" in line
-    assert "in flight 0" in line
+    assert "held output 0 epochs" in line
 
 
 def test_held_output_counts_checkpoints_in_flight_and_released_packets() -> None:
@@ -142,7 +142,7 @@ def test_held_output_counts_checkpoints_in_flight_and_released_packets() -> None
     printer.close()
     last = out.getvalue().rstrip("\n").rsplit("\r", 1)[-1]
     assert last.startswith("PROTECTED")
-    assert "in flight 3" in last
+    assert "held output 3 epochs" in last
     assert "released 128 pkt/s" in last
 
 
@@ -200,7 +200,16 @@ def test_notable_events_are_single_timestamped_lines() -> None:
                           codec="delta", devices=("console", "disk")):
             "protection started: microvm -> b:1, checkpoint every 25 ms, codec delta, "
             "devices console, disk",
+        ProtectionStarted(time=T0, guest="web", domain="microvm", backup="b:1", interval_ms=25,
+                          codec="raw", devices=()):
+            "web: protection started: microvm -> b:1, checkpoint every 25 ms, codec raw, "
+            "devices none",
         OperationComplete(time=T0, operation="protect", ok=True): "operation protect complete",
+        OperationComplete(time=T0, operation="failover", ok=False, cancelled=True,
+                          error="the primary ended protection: no failover needed"):
+            "operation failover not needed: the primary ended protection: no failover needed",
+        OperationComplete(time=T0, operation="protect", ok=False, error="refused"):
+            "operation protect failed: refused",
         BackupLost(time=T0, reason="no heartbeat for 500 ms", last_acked_epoch=41,
                    hold_ms=1500.0): "backup lost: no heartbeat for 500 ms; last acknowledged "
                                     "checkpoint 41, output held 1500 ms",

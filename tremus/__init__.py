@@ -12,14 +12,14 @@ from tremus.domains.registry import create_domain, parse_spec, register_driver, 
 from tremus.engine.backup import BackupOutcome, BackupSession, PrimaryFailed, ReplicaDiverged
 from tremus.engine.config import ConfigError, ProtectionConfig
 from tremus.engine.devices import CheckpointDevice, DeviceError
-from tremus.engine.events import Event, EventHub, Operation
+from tremus.engine.events import Event, EventHub, Operation, OperationCancelled
 from tremus.engine.primary import BackupLostError, PrimarySession
 from tremus.engine.protocol import ProtocolError
 
 __all__ = [
     "BackupLostError", "BackupOutcome", "BackupSession", "CheckpointDevice", "ConfigError",
     "DeviceError", "Domain", "DomainError", "Event", "EventHub", "Geometry", "Operation",
-    "PrimaryFailed", "PrimarySession", "ProtectionConfig", "ProtocolError", "ReplicaDiverged",
+    "OperationCancelled", "PrimaryFailed", "PrimarySession", "ProtectionConfig", "ProtocolError", "ReplicaDiverged",
     "create_domain", "parse_spec", "register_driver", "restore_domain",
 ]
 

@@ -343,7 +343,8 @@ class EventPrinter:
                        f" p99 {self._us_text(self._acked_pause.percentile(99))}",
                        f"rtt p50 {self._ms_text(self._acked_rtt.percentile(50))}",
                        f"{_rate_bytes(self._acked_bytes.throughput(now))}/s sent",
-                       f"in flight {len(self._inflight)}"]
+                       # Output is held per epoch until its ACK: these epochs' is.
+                       f"held output {len(self._inflight)} epochs"]
             if self._released_seen:
                 fields.append(f"released {self._released.throughput(now):.0f} pkt/s")
         if replicas is not None:
@@ -487,6 +488,8 @@ class EventPrinter:
         if isinstance(event, OperationComplete):
             if event.ok:
                 return f"operation {event.operation} complete"
+            if event.cancelled:
+                return f"operation {event.operation} not needed: {event.error}"
             return f"operation {event.operation} failed: {event.error}"
         if isinstance(event, DiskSync):
             return (f"disk sync complete: {event.disk}, {_size(event.total_bytes)} "

@@ -193,7 +193,8 @@ class BackupSession:
         #: The domain running here after a failover.
         self.domain: Domain | None = None
         #: Completes with ``FailoverComplete`` once the domain runs here; fails if the
-        #: backup refused (nothing to fail over to) or the primary ended gracefully.
+        #: backup refused (nothing to fail over to); cancelled if the primary ended
+        #: gracefully or the connection never became a protection session.
         self.failover: Operation[FailoverComplete] = Operation("failover", self.events)
 
     @property
@@ -229,12 +230,12 @@ class BackupSession:
                 # Not a protection session yet (garbage, a wrong secret, a refused
                 # HELLO): there is no replica to speak of.
                 self.rejected_reason = reason
-                self.failover.fail(RuntimeError(reason))
+                self.failover.cancel(f"not a protection session: {reason}")
                 task_status.started(BackupOutcome.REJECTED)
                 return BackupOutcome.REJECTED
         else:
             if reason is None:
-                self.failover.fail(RuntimeError("the primary ended protection: no failover"))
+                self.failover.cancel("the primary ended protection: no failover needed")
                 task_status.started(BackupOutcome.ENDED)
                 return BackupOutcome.ENDED
         finally:

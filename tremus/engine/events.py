@@ -22,8 +22,8 @@ __all__ = [
     "BackupLost", "BackupReady", "CheckpointAcked", "CheckpointApplied", "CheckpointSent",
     "ConnectionRejected", "Console", "DeviceFailed", "DiskEpochApplied", "DiskEpochDurable",
     "DiskSync", "DomainStarted", "DomainStopped", "Event", "EventHub", "FailoverComplete",
-    "FailoverRefused", "FailoverStarted", "Operation", "OperationComplete", "OutputReleased",
-    "OwnershipLost", "OwnershipRefused", "OwnershipTaken", "PrimaryConnected",
+    "FailoverRefused", "FailoverStarted", "Operation", "OperationCancelled", "OperationComplete",
+    "OutputReleased", "OwnershipLost", "OwnershipRefused", "OwnershipTaken", "PrimaryConnected",
     "ProtectionStarted", "ProtectionStopped", "ReplicaClosed", "ReplicaOpened", "Subscription",
 ]
 
@@ -390,6 +390,13 @@ class OperationComplete(Event):
     operation: str
     ok: bool
     error: str | None = None
+    #: Not carried out because it is not needed (``error`` says why): a backup's
+    #: failover after the primary ended protection gracefully, say.
+    cancelled: bool = False
+
+
+class OperationCancelled(Exception):
+    """An operation that was not carried out because it is not needed any more."""
 
 
 @final
@@ -438,13 +445,19 @@ class Operation(Generic[T]):
     def fail(self, error: BaseException) -> None:
         self._finish(None, error)
 
+    def cancel(self, reason: str) -> None:
+        """Complete without doing it, because it is not needed: ``wait()`` raises
+        OperationCancelled, and the event says ``cancelled`` (not a failure)."""
+        self._finish(None, OperationCancelled(reason))
+
     def _finish(self, value: T | None, error: BaseException | None) -> None:
         if self._done.is_set():
             return
         self._value, self._error = value, error
         self._done.set()
         self._hub.emit(OperationComplete(operation=self.name, ok=error is None,
-                                         error=None if error is None else str(error)))
+                                         error=None if error is None else str(error),
+                                         cancelled=isinstance(error, OperationCancelled)))
         for callback in self._callbacks:
             callback(self)
         self._callbacks.clear()

@@ -278,6 +278,7 @@ class PrimarySession:
                 prefaulted_buffer, self.domain.geometry.ram_size)
             self.protected = True
             self.events.emit(ProtectionStarted(
+                guest=str(self.domain.config.get("name") or ""),
                 capture="cow" if self._cow is not None else "copy",
                 capture_note=self._capture_note,
                 domain=self.domain.driver, backup=self._backup_name,
