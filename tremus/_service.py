@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -41,10 +43,29 @@ from tremus.engine.events import (
     ReplicaOpened,
 )
 
-__all__ = ["BackupService", "GuestState"]
+__all__ = ["HANDSHAKE_TIMEOUT_ENV", "BackupService", "GuestState"]
 
-#: How long a peer may take to say what it is (TLS handshake, first bytes).
+#: How long a peer may take to say what it is (TLS handshake, first bytes), unless
+#: ``HANDSHAKE_TIMEOUT_ENV`` (or ``BackupService(handshake_timeout=...)``) says otherwise.
 _FIRST_BYTES_TIMEOUT = 30.0
+#: The environment variable read when a ``BackupService`` starts: that timeout, in seconds.
+HANDSHAKE_TIMEOUT_ENV = "TREMUS_HANDSHAKE_TIMEOUT_S"
+
+
+def _handshake_timeout_from_env() -> float:
+    """``HANDSHAKE_TIMEOUT_ENV`` as seconds, else the default; ProtectionError if it is
+    set to anything but a positive number (a typo must not silently mean 30 s)."""
+    text = os.environ.get(HANDSHAKE_TIMEOUT_ENV, "").strip()
+    if not text:
+        return _FIRST_BYTES_TIMEOUT
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise ProtectionError(f"{HANDSHAKE_TIMEOUT_ENV}={text!r}: expected a positive number "
+                              f"of seconds")
+    return value
 
 
 @final
@@ -118,12 +139,16 @@ class BackupService:
             running here), in bytes; a primary that would pass it is refused.
         failback: how to protect a guest that failed over here (``backup`` is where);
             None to leave it unprotected until asked (``protect``).
+        handshake_timeout: how long a connection may take to finish its TLS handshake,
+            and then to send its first bytes, before it is rejected (seconds); None:
+            ``$TREMUS_HANDSHAKE_TIMEOUT_S``, else 30.
     """
 
     def __init__(self, listener: Any, *, config: ProtectionConfig, hub: EventHub,
                  state_dir: str, fence: Fence | None = None, fence_timeout: float = 0.0,
                  ownership_for: OwnershipFactory | None = None, once: bool = False,
-                 failback: ProtectPlan | None = None, memory_limit: int | None = None) -> None:
+                 failback: ProtectPlan | None = None, memory_limit: int | None = None,
+                 handshake_timeout: float | None = None) -> None:
         self.listener = listener
         self.config = config
         self.events = hub
@@ -133,6 +158,8 @@ class BackupService:
         self._once = once
         self._failback = failback
         self._memory_limit = memory_limit
+        self._handshake_timeout = (_handshake_timeout_from_env() if handshake_timeout is None
+                                   else handshake_timeout)
         self.host = socket.gethostname()
         self.guests: dict[str, GuestState] = {}
         self.disks = BackupDisks(state_dir, hub, secret=config.auth_secret,
@@ -221,16 +248,16 @@ class BackupService:
     async def _serve_connection(self, stream: trio.abc.Stream, peer: str) -> None:
         if isinstance(stream, trio.SSLStream):
             try:
-                with trio.fail_after(_FIRST_BYTES_TIMEOUT):
+                with trio.fail_after(self._handshake_timeout):
                     await stream.do_handshake()
             except (trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
-                reason = ("no TLS handshake within 30 s" if isinstance(exc, trio.TooSlowError)
-                          else _tls_reason(exc))
+                reason = (f"no TLS handshake within {self._handshake_timeout:g} s"
+                          if isinstance(exc, trio.TooSlowError) else _tls_reason(exc))
                 self.events.emit(ConnectionRejected(peer=peer, reason=reason))
                 await _send_tls_alert(stream)
                 return
         try:
-            is_disk, prefix, stream = await sniff(stream, _FIRST_BYTES_TIMEOUT)
+            is_disk, prefix, stream = await sniff(stream, self._handshake_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self.events.emit(ConnectionRejected(peer=peer, reason=f"connection failed: {exc}"))
             return
