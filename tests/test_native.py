@@ -232,6 +232,22 @@ def test_hash64_impls_agree_on_large_inputs(n: int) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("seed", [0, 7, -1, 2**64 + 3])
+def test_hash64_fed_piece_by_piece_is_hash64(impl: ModuleType, seed: int) -> None:
+    rng = random.Random(seed & 0xFFFF)
+    data = rng.randbytes(300_000)
+    for _ in range(20):
+        cuts = sorted(rng.sample(range(len(data)), rng.randint(0, 6)))
+        running = impl.Hash64(seed)
+        for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+            running.update(memoryview(data)[start:end])
+        assert running.intdigest() == impl.hash64(data, seed) == fallback.hash64(data, seed)
+    assert impl.Hash64().intdigest() == impl.hash64(b"")
+    with pytest.raises(TypeError):
+        impl.Hash64(1).update("text")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_hash64_properties(impl: ModuleType) -> None:
     assert impl.hash64(b"tremus") == impl.hash64(bytearray(b"tremus"))
     assert impl.hash64(b"tremus", -1) == impl.hash64(b"tremus", 2**64 - 1)

@@ -994,3 +994,64 @@ def test_stager_never_writes_the_replica() -> None:
                     break
     assert epochs == [1, 2]
     assert bytes(view) == frozen
+
+
+# -- page data checksummed as it arrives ----------------------------------------------------
+
+
+def _large_pages_frame(pages: int) -> tuple[BackupConnection, bytes, bytes, bytes]:
+    """A backup past its handshake and CHECKPOINT_BEGIN, and a PAGES frame of
+    ``pages`` real-size pages (its pfns and data too)."""
+    page = 4096
+    primary, backup = PrimaryConnection(), BackupConnection()
+    backup.receive_data(primary.send(hello(ram_size=2 * pages * page, page_size=page)))
+    assert isinstance(backup.next_event(), Hello)
+    primary.receive_data(backup.send(Welcome()))
+    assert isinstance(primary.next_event(), Welcome)
+    backup.receive_data(primary.send(CheckpointBegin(0, True)))
+    assert isinstance(backup.next_event(), CheckpointBegin)
+    rng = random.Random(7)
+    pfns = pfn_bytes(sorted(rng.sample(range(2 * pages), pages)))
+    data = rng.randbytes(pages * page)
+    return backup, primary.send(Pages(0, pfns, data)), pfns, data
+
+
+@pytest.mark.parametrize("path", ["receive_data", "receive_buffer"])
+def test_page_data_is_checksummed_as_it_arrives(path: str) -> None:
+    backup, frame, pfns, data = _large_pages_frame(384)  # 1.5 MiB of pages
+    rng = random.Random(3)
+    delivered = 0
+    hashed_midway = -1
+    while delivered < len(frame):
+        size = min(rng.randint(1, 200_000), len(frame) - delivered)
+        chunk = frame[delivered : delivered + size]
+        into = backup.receive_buffer() if path == "receive_buffer" else None
+        if into is not None:
+            size = min(size, len(into))
+            into[:size] = frame[delivered : delivered + size]
+            backup.received_into(size)
+        else:
+            backup.receive_data(chunk)
+        delivered += size
+        if hashed_midway < 0 and delivered >= len(frame) // 2:
+            hashed_midway = backup._pages_hashed
+        if delivered < len(frame):
+            assert backup.next_event() is NEED_DATA
+    # Half way through, the page data that had arrived was hashed already (all but
+    # less than one step of it), not left for the end.
+    assert hashed_midway >= len(frame) // 2 - 4096 - (256 << 10)
+    event = backup.next_event()
+    assert isinstance(event, Pages)
+    assert bytes(event.pfns) == pfns and bytes(event.data) == data
+    assert event.checksum == impl.hash64(data, impl.hash64(pfns))
+
+
+@pytest.mark.parametrize("where", [0, 1, 4095, 300_000, -1])
+def test_a_corrupt_page_byte_is_caught_by_the_running_checksum(where: int) -> None:
+    backup, frame, _, data = _large_pages_frame(384)
+    corrupt = bytearray(frame)
+    corrupt[len(frame) - len(data) + where if where >= 0 else where] ^= 0x10
+    for start in range(0, len(corrupt), 65_536):
+        backup.receive_data(corrupt[start : start + 65_536])
+    with pytest.raises(RemoteProtocolError, match="PAGES for epoch 0: checksum mismatch"):
+        events_of(backup)

@@ -27,6 +27,14 @@ def scatter(dst: Buffer, pfns: Buffer, src: Buffer, page_size: int = 4096) -> in
 def hash64(data: Buffer, seed: int = 0) -> int:
     """A fast non-cryptographic 64-bit checksum (frame checksums, RAM digests)."""
 
+class Hash64:
+    """``hash64`` computed piece by piece: ``Hash64(seed)`` fed the pieces of a buffer
+    with ``update`` gives ``hash64(buffer, seed)`` from ``intdigest()``."""
+
+    def __init__(self, seed: int = 0) -> None: ...
+    def update(self, data: Buffer) -> None: ...
+    def intdigest(self) -> int: ...
+
 def delta_encode(
     pages: Buffer, pfns: Buffer, cache_tags: Buffer, cache_data: Buffer, out: Buffer,
     page_size: int = 4096,

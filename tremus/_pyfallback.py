@@ -20,6 +20,7 @@ import struct
 import sys
 from array import array
 from typing import Any as Buffer  # collections.abc.Buffer is Python 3.12+
+from typing import final
 
 import xxhash
 
@@ -30,6 +31,7 @@ __all__ = [
     "gather",
     "scatter",
     "hash64",
+    "Hash64",
     "delta_encode",
     "delta_decode",
     "memcpy",
@@ -181,6 +183,20 @@ def memcpy(dst: Buffer, src: Buffer) -> int:
 def hash64(data: Buffer, seed: int = 0) -> int:
     """The extension's 64-bit checksum (XXH3-64, seeded), bit for bit."""
     return xxhash.xxh3_64_intdigest(_view(data), seed=operator.index(seed) & _U64)
+
+
+@final
+class Hash64:
+    """The extension's ``Hash64``: hash64 fed piece by piece, bit for bit."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self._state = xxhash.xxh3_64(seed=operator.index(seed) & _U64)
+
+    def update(self, data: Buffer) -> None:
+        self._state.update(_view(data))
+
+    def intdigest(self) -> int:
+        return int(self._state.intdigest())
 
 
 # -- delta coding ---------------------------------------------------------------------

@@ -173,6 +173,8 @@ SUPPORTED_FEATURES: Final = frozenset({DELTA})
 #: header_len, payload_len, header_check.
 PREFIX: Final = struct.Struct("<IIQ")
 MAX_HEADER: Final = 64 * 1024
+#: A PAGES payload's running checksum is fed in steps of at least this many bytes.
+_HASH_STEP: Final = 256 << 10
 #: Payloads from this size get a page-aligned buffer (``page_aligned``: page data is
 #: copied from it at full speed); smaller ones are not worth the extra page.
 _ALIGN_PAYLOAD_FROM: Final = 64 * 1024
@@ -890,7 +892,10 @@ def _header_and_payload(event: Event) -> tuple[dict[str, Any], list[BytesLike]]:
     return h, payload
 
 
-def _event_from(kind: str, h: dict[str, Any], payload: BytesLike) -> Event:
+def _event_from(kind: str, h: dict[str, Any], payload: BytesLike,
+                pages_checksum: int | None = None) -> Event:
+    """The event of a whole frame. ``pages_checksum``: a PAGES payload's checksum,
+    computed as it arrived (None: compute it here)."""
     match kind:
         case "HELLO":
             return Hello(
@@ -915,7 +920,9 @@ def _event_from(kind: str, h: dict[str, Any], payload: BytesLike) -> Event:
             view = memoryview(payload)
             split = 8 * h["count"]
             pfns, data = view[:split], view[split:]
-            checksum = impl.hash64(data, impl.hash64(pfns))
+            checksum = pages_checksum
+            if checksum is None:
+                checksum = impl.hash64(data, impl.hash64(pfns))
             if checksum != h["checksum"]:
                 raise ProtocolError(
                     f"PAGES for epoch {h['epoch']}: checksum mismatch over {h['count']} pfns"
@@ -1001,6 +1008,11 @@ class _Connection:
         self._pending: tuple[str, dict[str, Any], int] | None = None
         self._payload: bytearray | memoryview | None = None
         self._payload_filled = 0
+        # A PAGES payload is checksummed as it arrives (see _hash_arrived): where its
+        # page data starts, the running hash of the page data, and how far it got.
+        self._pages_at: int | None = None
+        self._pages_hash: Any = None
+        self._pages_hashed = 0
         self._error: ProtocolError | None = None
         self._frames_in = 0
 
@@ -1133,6 +1145,7 @@ class _Connection:
             take = min(len(data), len(payload) - self._payload_filled)
             payload[self._payload_filled : self._payload_filled + take] = memoryview(data)[:take]
             self._payload_filled += take
+            self._hash_arrived()
             if take < len(data):
                 self._buffer += memoryview(data)[take:]
         else:
@@ -1154,6 +1167,25 @@ class _Connection:
         if not 0 <= nbytes <= len(self._payload) - self._payload_filled:
             raise ValueError(f"received_into({nbytes}): out of the receive buffer")
         self._payload_filled += nbytes
+        self._hash_arrived()
+
+    def _hash_arrived(self) -> None:
+        """Feed the page data that arrived since the last call to the frame's running
+        checksum, while it is still in the cache (a whole frame read again once it is
+        complete comes from memory), in steps of at least _HASH_STEP bytes."""
+        if self._pages_at is None or self._payload is None:
+            return
+        filled, complete = self._payload_filled, self._payload_filled == len(self._payload)
+        if self._pages_hash is None:
+            if filled < self._pages_at:
+                return
+            with memoryview(self._payload) as view, view[: self._pages_at] as pfns:
+                self._pages_hash = impl.Hash64(impl.hash64(pfns))
+            self._pages_hashed = self._pages_at
+        if filled - self._pages_hashed >= _HASH_STEP or (complete and filled > self._pages_hashed):
+            with memoryview(self._payload) as view, view[self._pages_hashed : filled] as part:
+                self._pages_hash.update(part)
+            self._pages_hashed = filled
 
     def next_event(self) -> Event | NeedData:
         """The next event from the buffered bytes, or ``NEED_DATA``.
@@ -1208,15 +1240,20 @@ class _Connection:
             self._payload[:take] = memoryview(buf)[:take]
             self._payload_filled = take
             del buf[:take]
+            self._pages_at = 8 * header["count"] if kind == "PAGES" else None
+            self._pages_hash = None
+            self._hash_arrived()
         kind, header, payload_len = self._pending
         assert self._payload is not None
         if self._payload_filled < payload_len:
             return self._need_data()
         payload = memoryview(self._payload).toreadonly()
+        pages_checksum = None if self._pages_hash is None else self._pages_hash.intdigest()
         self._payload = None
         self._payload_filled = 0
         self._pending = None
-        event = _event_from(kind, header, payload)
+        self._pages_at = self._pages_hash = None
+        event = _event_from(kind, header, payload, pages_checksum)
         self._verify(event)
         self._theirs.admit(event)
         self._frames_in += 1
@@ -1278,6 +1315,7 @@ class _Connection:
         self._pending = None
         self._payload = None
         self._payload_filled = 0
+        self._pages_at = self._pages_hash = None
         return exc
 
     def _raise_if_failed(self) -> None:

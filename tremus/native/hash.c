@@ -56,3 +56,87 @@ PyObject *tn_py_hash64(PyObject *self, PyObject *args, PyObject *kw) {
     PyBuffer_Release(&data);
     return PyLong_FromUnsignedLongLong(h);
 }
+
+/* Hash64: hash64 computed piece by piece (XXH3-64 streaming), so that a receiver can
+ * hash a frame's bytes as they arrive, while they are still in the cache, instead of
+ * reading the whole frame again once it is complete. Hash64(seed) fed the pieces of
+ * a buffer gives hash64(buffer, seed). */
+typedef struct {
+    PyObject_HEAD
+    XXH3_state_t *state;
+} Hash64Object;
+
+static void hash64_dealloc(Hash64Object *self) {
+    if (self->state != NULL)
+        XXH3_freeState(self->state);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *hash64_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"seed", NULL};
+    PyObject *seed_obj = NULL;
+    uint64_t seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O:Hash64", kwlist, &seed_obj))
+        return NULL;
+    if (seed_obj != NULL) {
+        PyObject *idx = PyNumber_Index(seed_obj);
+        if (idx == NULL)
+            return NULL;
+        seed = (uint64_t)PyLong_AsUnsignedLongLongMask(idx);
+        Py_DECREF(idx);
+        if (seed == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    Hash64Object *self = (Hash64Object *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        return NULL;
+    self->state = XXH3_createState();
+    if (self->state == NULL || XXH3_64bits_reset_withSeed(self->state, (XXH64_hash_t)seed) != XXH_OK) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+static PyObject *hash64_update(Hash64Object *self, PyObject *arg) {
+    Py_buffer data;
+    XXH_errorcode rc;
+    if (!tn_conv_ro(arg, &data))
+        return NULL;
+    if (data.len >= 65536) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = XXH3_64bits_update(self->state, data.buf, (size_t)data.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = XXH3_64bits_update(self->state, data.buf, (size_t)data.len);
+    }
+    PyBuffer_Release(&data);
+    if (rc != XXH_OK) {
+        PyErr_SetString(PyExc_RuntimeError, "XXH3_64bits_update failed");
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *hash64_intdigest(Hash64Object *self, PyObject *unused) {
+    (void)unused;
+    return PyLong_FromUnsignedLongLong((uint64_t)XXH3_64bits_digest(self->state));
+}
+
+static PyMethodDef hash64_methods[] = {
+    {"update", (PyCFunction)hash64_update, METH_O, "update(data) -> None: hash the next bytes"},
+    {"intdigest", (PyCFunction)hash64_intdigest, METH_NOARGS,
+     "intdigest() -> hash64 of all the bytes so far"},
+    {NULL, NULL, 0, NULL},
+};
+
+PyTypeObject tn_Hash64Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tremus._native.Hash64",
+    .tp_doc = "Hash64(seed=0): hash64 fed piece by piece (update), read with intdigest().",
+    .tp_basicsize = sizeof(Hash64Object),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = hash64_new,
+    .tp_dealloc = (destructor)hash64_dealloc,
+    .tp_methods = hash64_methods,
+};

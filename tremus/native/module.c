@@ -105,7 +105,9 @@ PyMODINIT_FUNC PyInit__native(void) {
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "PAGE_SIZE", TREMUS_PAGE_SIZE) < 0) {
+    if (PyModule_AddIntConstant(m, "PAGE_SIZE", TREMUS_PAGE_SIZE) < 0 ||
+        PyType_Ready(&tn_Hash64Type) < 0 ||
+        PyModule_AddObjectRef(m, "Hash64", (PyObject *)&tn_Hash64Type) < 0) {
         Py_DECREF(m);
         return NULL;
     }
