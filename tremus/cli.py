@@ -25,6 +25,7 @@ from tremus._protector import ProtectionError, Protector, ProtectPlan, TlsFiles,
 from tremus._service import BackupService
 from tremus._wiring import NETBUF_KINDS
 from tremus.control import ControlError, Handler, add_ctl_parser, serve_control
+from tremus.control import cmd_ctl as _ctl_client
 from tremus.domains.base import Domain, DomainError, guest_name
 from tremus.domains.registry import create_domain
 from tremus.engine.backup import BackupOutcome, Fence, FencingFailed
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _control_option(protect)
     protect.add_argument("--json", action="store_true", help="one JSON object per line")
     protect.set_defaults(handler=cmd_protect)
-    add_ctl_parser(sub)
+    add_ctl_parser(sub).set_defaults(handler=cmd_ctl)
     return parser
 
 
@@ -295,13 +296,42 @@ def _url(address: str) -> str:
     return url_of(address)
 
 
-def _protection_config(args: argparse.Namespace, **extra: object) -> ProtectionConfig:
-    secret = None
-    if args.auth_secret_file:
-        with open(args.auth_secret_file, "rb") as f:
+def _peer_url(option: str, address: str) -> str:
+    """``address`` (HOST:PORT, or a tcp://, tls://, unix:// URL) as the URL to connect
+    to, checked now: an address that is only used later (``--reprotect-to``, at
+    failover) would otherwise fail then, long after a typo could have been fixed."""
+    url = _url(address)
+    try:
+        parsed = transports.parse_url(url)
+    except transports.InvalidURL as exc:
+        raise UsageError(f"{option} {address}: {exc}") from None
+    if parsed.scheme not in ("tcp", "tls", "unix"):
+        raise UsageError(f"{option} {address}: another process is reached over tcp://, "
+                         f"tls:// or unix://, not {parsed.scheme}://")
+    if parsed.scheme in ("tcp", "tls") and parsed.port == 0:
+        raise UsageError(f"{option} {address}: port 0 cannot be connected to; "
+                         "expected HOST:PORT with a port in 1..65535")
+    return url
+
+
+def _read_secret(path: str) -> bytes:
+    """The shared secret in ``path``; a UsageError naming the option and the file when
+    it cannot be had (an OSError would read as a failure of the protection itself)."""
+    try:
+        with open(path, "rb") as f:
             secret = f.read().strip()
-        if not secret:
-            raise UsageError(f"{args.auth_secret_file}: the secret is empty")
+    except FileNotFoundError:
+        raise UsageError(f"--auth-secret-file {path}: no such file") from None
+    except OSError as exc:
+        raise UsageError(f"--auth-secret-file {path}: cannot read it: "
+                         f"{exc.strerror or exc}") from None
+    if not secret:
+        raise UsageError(f"--auth-secret-file {path}: the secret is empty")
+    return secret
+
+
+def _protection_config(args: argparse.Namespace, **extra: object) -> ProtectionConfig:
+    secret = _read_secret(args.auth_secret_file) if args.auth_secret_file else None
     try:
         return ProtectionConfig(heartbeat_ms=args.heartbeat,
                                 heartbeat_timeout_ms=args.heartbeat_timeout,
@@ -311,9 +341,37 @@ def _protection_config(args: argparse.Namespace, **extra: object) -> ProtectionC
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
+    """``tremus demo``; SIGTERM or SIGINT ends it gracefully (see ``_Stop``): its
+    primary ends protection, its backup stops, the verdict says it was interrupted."""
     from tremus._demo import run_demo
 
-    return await run_demo(args.seconds, args.json)
+    stop = _Stop()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stop.watch, None)
+        status = await run_demo(args.seconds, args.json, stop=stop)
+        nursery.cancel_scope.cancel()
+    return status
+
+
+async def cmd_ctl(args: argparse.Namespace) -> int:
+    """``tremus ctl`` (the client in ``tremus.control``), which SIGTERM or SIGINT ends
+    quietly with status 0: a client asked to stop has nothing to undo. ``events``
+    ends that way; a command waiting for its operation stops waiting (the
+    operation goes on in the server). Its status otherwise."""
+    stop = _Stop()
+    status = 0
+    async with trio.open_nursery() as nursery:
+
+        async def client() -> None:
+            nonlocal status
+            status = await _ctl_client(args)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(stop.watch, None)
+        nursery.start_soon(client)
+        await stop.event.wait()
+        nursery.cancel_scope.cancel()
+    return status
 
 
 def command_fence(command: str, timeout: float) -> Fence:
@@ -341,9 +399,11 @@ _REPLY_GRACE = 0.05
 class _Stop:
     """Why and when this command stops: a signal, ``--duration``, the control socket.
 
-    SIGTERM and SIGINT mean the same for every command: stop gracefully. Protection
-    ends with END (no backup fails over because of it), a guest this process runs
-    stops, a backup ends every protection it serves. A second signal exits at once.
+    SIGTERM and SIGINT mean the same for every command: stop gracefully, exit 0.
+    Protection ends with END (no backup fails over because of it), a guest this
+    process runs stops, a backup ends every protection it serves, ``demo`` stops its
+    two processes that way, ``ctl`` stops waiting. A second signal exits at once
+    (128 + the signal): a stop that hangs must not need SIGKILL.
     """
 
     def __init__(self) -> None:
@@ -401,6 +461,7 @@ async def cmd_backup(args: argparse.Namespace) -> int:
     _check_arbiter(args)
     failback = None
     if args.reprotect_to:
+        _peer_url("--reprotect-to", args.reprotect_to)
         if args.arbiter:
             raise UsageError("--reprotect-to with --arbiter is not supported yet: protect the "
                              "guest again with `tremus ctl ... protect` once the arbiter "

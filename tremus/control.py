@@ -637,8 +637,11 @@ def _seconds(text: str) -> float:
     return value
 
 
-def add_ctl_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``tremus ctl PATH COMMAND`` to the ``tremus`` command's subparsers."""
+def add_ctl_parser(
+        sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Add ``tremus ctl PATH COMMAND`` to the ``tremus`` command's subparsers, and
+    return its parser (the ``tremus`` command wraps the handler in its signal
+    handling)."""
     ctl = sub.add_parser(
         "ctl", help="talk to a running tremus through its --control socket",
         description="Send COMMAND to the tremus serving the control socket PATH and print "
@@ -656,6 +659,7 @@ def add_ctl_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     ctl.add_argument("--timeout", type=_seconds, default=120.0, metavar="S",
                      help="give up after S seconds (default 120; not for events)")
     ctl.set_defaults(handler=cmd_ctl)
+    return ctl
 
 
 def _plain(value: Any) -> str:
