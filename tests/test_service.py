@@ -288,15 +288,15 @@ async def test_a_failed_tls_handshake_is_one_event_and_the_backup_serves_on(
 async def test_a_silent_tls_client_is_rejected_after_the_handshake_timeout(
         tmp_path: Path) -> None:
     """A client that connects and says nothing: one rejection, naming it, once the
-    handshake timeout (here 3 s, through $TREMUS_HANDSHAKE_TIMEOUT_S) is up, not before;
-    then a primary is served."""
+    handshake timeout (here 3 s, --handshake-timeout) is up, not before; then a primary
+    is served."""
     ca_pem, backup_pem = _tls_files(tmp_path)
     port = free_port()
     async with trio.open_nursery() as nursery:
         backup = await start_tremus(nursery, "backup", "backup", "--listen",
                                     f"tls://127.0.0.1:{port}", "--json",
                                     "--tls-cert", str(backup_pem),
-                                    env={HANDSHAKE_TIMEOUT_ENV: "3"})
+                                    "--handshake-timeout", "3")
         await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
         silent = await trio.open_tcp_stream("127.0.0.1", port)
         connected = time.time()
@@ -543,9 +543,6 @@ async def _ctl_json(path: str, command: str) -> Any:
     return json.loads(result.stdout.decode().strip().splitlines()[-1])
 
 
-@pytest.mark.xfail(strict=True, reason="tremus/cli.py cmd_backup: its control handlers let "
-                   "the service's ProtectionError through, and control.py answers an "
-                   "unexpected exception with 'COMMAND failed: ProtectionError: ...'")
 async def test_ctl_on_a_backup_says_what_is_wrong_without_a_class_name(tmp_path: Path) -> None:
     port = free_port()
     control = str(tmp_path / "b.sock")

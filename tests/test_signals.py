@@ -132,14 +132,6 @@ async def test_protect_ends_protection_and_its_backup_does_not_fail_over(
 
 
 @needs_kvm
-@pytest.mark.xfail(strict=True, reason=(
-    "tremus/_service.py sets GuestState.session only once session.run reports its "
-    "outcome, so while a replica is served stop() has no session to tell: _stop_all "
-    "waits its 10 s, the connection closes without END, and the primary holds its "
-    "output 1.5 s as for a failure (fix: GuestState(..., session=session) in admit()). "
-    "With that fixed, 1 run in ~15 still fails over: the primary closes on the backup's "
-    "END before the backup stops reading, and BackupSession.run takes that EOF for a "
-    "failure (fix: after PrimaryFailed, if self._stop is set, end as ENDED)"))
 @pytest.mark.parametrize("signum", SIGNALS)
 async def test_backup_ends_the_protection_it_serves(signum: signal.Signals) -> None:
     async with processes() as start:

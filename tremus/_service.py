@@ -310,7 +310,10 @@ class BackupService:
                 return (f"guest {name!r} needs {hello.ram_size >> 20} MiB for its replica; this "
                         f"backup holds {held_bytes >> 20} MiB of its --memory-limit "
                         f"{self._memory_limit >> 20} MiB")
-            state = GuestState(name=name, peer=peer, state="replica", ram_bytes=hello.ram_size)
+            # The session from the start: stopping the backup must reach a live replica
+            # (END to its primary), not only one whose outcome is known.
+            state = GuestState(name=name, peer=peer, state="replica", ram_bytes=hello.ram_size,
+                               session=session)
             self.guests[name] = state
             holder.append(state)
             disks.append(self.disks.for_guest(name, hub))
@@ -340,7 +343,6 @@ class BackupService:
                         self._once_served.set()
                     return
                 guest = holder[0]
-                guest.session = session
                 if outcome is not BackupOutcome.FAILED_OVER:
                     reason = ("the primary ended protection" if outcome is BackupOutcome.ENDED
                               else "failover refused")

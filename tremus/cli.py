@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the most guest RAM to hold at once, replicas and guests "
                              "running here (e.g. 8G); a primary that would pass it is "
                              "refused (default: what the host has available)")
+    backup.add_argument("--handshake-timeout", type=_duration, metavar="S",
+                        help="how long a connection may take to finish its TLS handshake "
+                             "and send its first bytes before it is closed (default 30, or "
+                             "TREMUS_HANDSHAKE_TIMEOUT_S)")
     backup.add_argument("--once", action="store_true",
                         help="serve one primary, then exit (after its guest stops, if it "
                              "failed over here); exit 1 if it was refused")
@@ -449,6 +453,19 @@ async def _start_control(nursery: trio.Nursery, args: argparse.Namespace, hub: E
         raise UsageError(f"--control {args.control}: {exc}") from None
 
 
+def _refusals_as_replies(handler: Handler) -> Handler:
+    """A command the service refuses (ProtectionError: no such guest, already
+    protected, ...) is a plain error reply naming why, not an unexpected failure."""
+    @functools.wraps(handler)
+    async def call(request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return await handler(request)
+        except ProtectionError as exc:
+            raise ControlError(str(exc)) from None
+
+    return call
+
+
 def _arg(request: Mapping[str, Any], name: str) -> str | None:
     value = request.get(name)
     if value is not None and not isinstance(value, str):
@@ -482,7 +499,8 @@ async def cmd_backup(args: argparse.Namespace) -> int:
         listener, config=config, hub=hub, state_dir=args.state_dir,
         fence=command_fence(args.fence, args.fence_timeout) if args.fence else None,
         fence_timeout=args.fence_timeout, ownership_for=_ownership_for(args), once=args.once,
-        failback=failback, memory_limit=args.memory_limit)
+        failback=failback, memory_limit=args.memory_limit,
+        handshake_timeout=args.handshake_timeout)
     stop = _Stop()
 
     async def status(request: Mapping[str, Any]) -> dict[str, Any]:
@@ -524,8 +542,9 @@ async def cmd_backup(args: argparse.Namespace) -> int:
     async with trio.open_nursery() as nursery, listener:
         await _start_metrics(nursery, args, hub, "backup")
         await _start_control(nursery, args, hub, "backup", {
-            "status": status, "stop-protection": stop_protection, "protect": protect,
-            "stop": stop_guest})
+            name: _refusals_as_replies(handler) for name, handler in (
+                ("status", status), ("stop-protection", stop_protection),
+                ("protect", protect), ("stop", stop_guest))})
         served = trio.Event()
 
         async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

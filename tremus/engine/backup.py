@@ -233,13 +233,17 @@ class BackupSession:
                 self.failover.cancel(f"not a protection session: {reason}")
                 task_status.started(BackupOutcome.REJECTED)
                 return BackupOutcome.REJECTED
-        else:
-            if reason is None:
-                self.failover.cancel("the primary ended protection: no failover needed")
-                task_status.started(BackupOutcome.ENDED)
-                return BackupOutcome.ENDED
         finally:
             await self._link.aclose()
+        if reason is None or self._stop.is_set():
+            # The primary said END, or this backup was stopped and said END itself (the
+            # primary may then close the connection at once): neither is a reason to
+            # take over.
+            self.failover.cancel(
+                f"this backup was stopped ({self._stop_reason}): no failover"
+                if self._stop.is_set() else "the primary ended protection: no failover needed")
+            task_status.started(BackupOutcome.ENDED)
+            return BackupOutcome.ENDED
         if self._state is None or self._replica is None or self._hello is None:
             refused = FailoverRefused(
                 reason=f"{reason}; no complete checkpoint was received, nothing to fail over to")
