@@ -88,3 +88,65 @@ def test_every_option_has_help_and_the_spec_keys_are_listed() -> None:
     for key in [f.name for f in dataclasses.fields(MicroVMConfig)]:
         spelled = {"working_set": "ws", "hot_set": "hot"}.get(key, key)
         assert spelled in protect_help, f"SPEC key {spelled} missing from --help"
+
+
+@needs_kvm
+def test_protect_on_a_terminal_shows_one_status_line_redrawn_in_place() -> None:
+    """Without --json, on a real terminal (a pty), ``protect`` redraws one compact
+    status line in place many times instead of printing a line per checkpoint, and
+    says what its plain lines are for: the notable events."""
+    import pty
+    import select
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backup = subprocess.Popen([sys.executable, "-m", "tremus.cli", "backup", "--listen",
+                               f"127.0.0.1:{port}", "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True)
+    controller, terminal = pty.openpty()
+    try:
+        assert backup.stdout is not None
+        assert "backup_ready" in backup.stdout.readline()
+        primary = subprocess.Popen(
+            [sys.executable, "-m", "tremus.cli", "protect", "--domain",
+             "microvm:name=web,workload=counter,memory=8M", "--backup", f"127.0.0.1:{port}",
+             "--interval", "25", "--duration", "4"],
+            stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
+        os.close(terminal)
+        terminal = -1
+        out = b""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: the terminal's last writer is gone
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif primary.poll() is not None:
+                break
+        assert primary.wait(timeout=30) == 0, out.decode(errors="replace")[-2000:]
+    finally:
+        if terminal >= 0:
+            os.close(terminal)
+        os.close(controller)
+        backup.terminate()
+        backup.wait(timeout=30)
+    text = out.decode(errors="replace")
+    redraws = text.count("\r") - text.count("\r\n")
+    lines = [line for line in text.replace("\r\n", "\n").split("\n")
+             if line.strip() and "counter " not in line]  # the guest's console is its own
+    acks = 4 / 0.025  # about as many checkpoints as there were
+    assert redraws >= 5, text[-2000:]
+    assert len(lines) < acks / 4, f"{len(lines)} lines for ~{acks:.0f} checkpoints"
+    assert "web: protection started: microvm -> " in text
+    assert "protection stopped" in text
+    status = text.rsplit("PROTECTED", 1)[-1]
+    for field in ("ckpt/s", "pause p50", "p99", "rtt p50", "/s sent", "held output"):
+        assert field in status, (field, status[:300])
