@@ -185,6 +185,87 @@ async def test_a_stalled_primary_stops_its_guest_when_it_comes_back() -> None:
         backup.kill()
 
 
+async def test_an_ack_read_after_a_stall_releases_nothing_once_the_backup_took_over() -> None:
+    """The ACK of checkpoint N reaches a primary that stands still (here: the backup
+    sends it 300 ms late, and the primary is stopped meanwhile); the backup then takes
+    over. The primary, back, must not release N's output on that ACK (its guest's
+    output would leave two hosts): it holds it until the backup shows it still serves
+    it, which it never does, and stops its guest."""
+    from tests._procs import free_port
+    from tremus.testing.procs import start_tremus
+
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        backup = await start_tremus(nursery, "backup", "backup", "--listen",
+                                    f"127.0.0.1:{port}", "--json", "--once",
+                                    "--heartbeat-timeout", "1000",
+                                    env={"TREMUS_INJECT_ACK_DELAY_MS": "300"})
+        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+        primary = await start_tremus(
+            nursery, "primary", "protect", "--domain",
+            "microvm:workload=counter,memory=16M,interval_ms=20", "--backup",
+            f"127.0.0.1:{port}", "--interval", "200", "--heartbeat-timeout", "1000", "--json")
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 3, what="acks")
+
+        def unacked_sent(p: TremusProcess) -> int | None:
+            acked = {e["epoch"] for e in p.of("checkpoint_acked")}
+            sent = [e["epoch"] for e in p.of("checkpoint_sent") if e["epoch"] not in acked]
+            return sent[-1] if sent else None
+
+        epoch = await primary.wait_for(unacked_sent, what="a checkpoint sent, not acked yet")
+        primary.process.send_signal(signal.SIGSTOP)
+        try:
+            await backup.wait_for(lambda b: b.of("failover_complete"), what="failover")
+            applied = {e["epoch"] for e in backup.of("checkpoint_applied")}
+            assert epoch in applied, (epoch, sorted(applied)[-3:])  # its ACK was sent
+        finally:
+            primary.process.send_signal(signal.SIGCONT)
+        await primary.exited.wait()
+        assert primary.process.returncode == 1
+        halted = primary.of("ownership_lost")
+        assert halted and "stood still" in halted[0]["reason"], primary.events[-3:]
+        late = [e for e in primary.events if e.get("epoch", -1) >= epoch
+                and e["event"] in ("checkpoint_acked", "output_released")]
+        assert not late, late
+        backup.kill()
+
+
+async def test_an_ack_held_after_a_short_stall_is_released_once_the_backup_answers() -> None:
+    """The same late ACK after a stall too short for a takeover (600 ms of the
+    backup's 1000): the backup echoes the primary's next heartbeat, so the held ACK
+    commits its epoch (its output goes out) and protection simply goes on."""
+    from tests._procs import free_port
+    from tremus.testing.procs import start_tremus
+
+    port = free_port()
+    async with trio.open_nursery() as nursery:
+        backup = await start_tremus(nursery, "backup", "backup", "--listen",
+                                    f"127.0.0.1:{port}", "--json", "--once",
+                                    "--heartbeat-timeout", "1000",
+                                    env={"TREMUS_INJECT_ACK_DELAY_MS": "300"})
+        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+        primary = await start_tremus(
+            nursery, "primary", "protect", "--domain",
+            "microvm:workload=counter,memory=16M,interval_ms=20", "--backup",
+            f"127.0.0.1:{port}", "--interval", "200", "--heartbeat-timeout", "1000", "--json")
+        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 3, what="acks")
+        sent = len(primary.of("checkpoint_sent"))
+        await primary.wait_for(lambda p: len(p.of("checkpoint_sent")) > sent, what="a send")
+        epoch = primary.of("checkpoint_sent")[-1]["epoch"]
+        primary.process.send_signal(signal.SIGSTOP)
+        await trio.sleep(0.6)
+        primary.process.send_signal(signal.SIGCONT)
+        await primary.wait_for(
+            lambda p: any(e["epoch"] >= epoch + 5 for e in p.of("checkpoint_acked")),
+            what="five more acks")
+        released = {e["epoch"] for e in primary.of("output_released")}
+        assert epoch in released
+        assert not primary.of("backup_lost") and not backup.of("failover_started")
+        assert primary.process.returncode is None
+        primary.kill()
+        backup.kill()
+
+
 async def test_failover_complete_when_the_backup_was_stopped_as_the_primary_died() -> None:
     """Stall, then kill (the campaign's defect 1): the backup fails over, it does not crash."""
     async with trio.open_nursery() as nursery:

@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import enum
 import mmap
+import os
 import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, final
+from typing import Any, Final, final
 
 import trio
 
@@ -56,6 +57,10 @@ _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 #: releases the GIL), so the next one is received meanwhile; a smaller one costs
 #: less than the thread's hand-off and is applied on the event loop.
 _APPLY_IN_THREAD_PAGES = 256
+
+
+#: Fault injection for tests: hold every ACK this long (an ACK the primary reads late).
+_INJECT_ACK_DELAY: Final = float(os.environ.get("TREMUS_INJECT_ACK_DELAY_MS", "0")) / 1000
 
 
 def _available_memory() -> int | None:
@@ -379,6 +384,8 @@ class BackupSession:
             self._frozen = True  # later checkpoints build on this one: none may follow
             return
         await self._applied.wait()
+        if _INJECT_ACK_DELAY:
+            await trio.sleep(_INJECT_ACK_DELAY)
         if checkpoint.applied:
             # The first, written through: the replica already holds its pages.
             self._commit(checkpoint, time.perf_counter())

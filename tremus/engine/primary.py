@@ -24,6 +24,7 @@ nothing in the pause waits on the network.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import mmap
 import time
@@ -202,6 +203,14 @@ class PrimarySession:
         self.halt_reason = ""
         self._last_acked_sent_at = 0.0
         self._last_ack_at = 0.0
+        #: ACKs read after this process stood still, held until the backup proves it
+        #: still serves us (see _receive_loop).
+        self._acks_after_stall: list[int] = []
+        #: (seq, when sent) of our recent heartbeats, and the highest seq the backup
+        #: echoed: whether it heard us after a given moment.
+        self._heartbeats_sent: collections.deque[tuple[int, float]] = collections.deque(
+            maxlen=64)
+        self._backup_echo = 0
 
     # -- public ---------------------------------------------------------------------
     def stop(self, reason: str = "stopped by request") -> None:
@@ -592,14 +601,47 @@ class PrimarySession:
 
     # -- the backup's side of the stream --------------------------------------------
     async def _receive_loop(self) -> None:
+        """ACKs commit their epochs, in order. An ACK read after this process stood
+        still for half the backup's timeout or more since its checkpoint was sent may
+        have waited in the socket while the backup took us for dead and took over:
+        it is held, releasing nothing, until the backup shows it still serves us (it
+        echoes a heartbeat we sent after the stall, or acknowledges a checkpoint sent
+        after it), or the link fails and this primary halts (``_backup_lost``)."""
         while True:
             event = await self._link.next_event(self._silence_timeout())
             if isinstance(event, p.Ack):
-                await self._on_ack(event.epoch)
+                record = self._inflight.get(event.epoch)
+                if self._acks_after_stall or (
+                        record is not None and self._stalls.stalled_after(record.sent_at)):
+                    self._acks_after_stall.append(event.epoch)
+                    if record is None or not self._heard_after_stall(record.sent_at):
+                        continue
+                    await self._commit_held_acks()
+                else:
+                    await self._on_ack(event.epoch)
+            elif isinstance(event, p.Heartbeat):
+                self._backup_echo = max(self._backup_echo, event.echo)
+                if self._acks_after_stall and self._heard_after_stall():
+                    await self._commit_held_acks()
             elif isinstance(event, p.End):
                 raise BackupLostError(f"the backup ended protection: {event.reason}", ended=True)
             elif isinstance(event, p.ConnectionClosed):
                 raise BackupLostError("the backup closed the connection")
+
+    def _heard_after_stall(self, sent_at: float | None = None) -> bool:
+        """The backup certainly still served us after our last stall: it echoed a
+        heartbeat we sent after it, or (``sent_at``) acknowledged a checkpoint sent
+        after it."""
+        stall_end = self._stalls.last_stall[1]
+        if sent_at is not None and sent_at > stall_end:
+            return True
+        return any(seq <= self._backup_echo and at > stall_end
+                   for seq, at in self._heartbeats_sent)
+
+    async def _commit_held_acks(self) -> None:
+        held, self._acks_after_stall = self._acks_after_stall, []
+        for epoch in held:
+            await self._on_ack(epoch)
 
     async def _heartbeat_loop(self) -> None:
         # Every period, checkpoints or not: each echoes the backup's latest heartbeat,
@@ -609,6 +651,7 @@ class PrimarySession:
             await trio.sleep(period)
             self._check_acks()
             self._heartbeat_seq += 1
+            self._heartbeats_sent.append((self._heartbeat_seq, trio.current_time()))
             await self._link.send_parts(self._conn.send_parts(
                 p.Heartbeat(self._heartbeat_seq, time.time(),
                             echo=self._conn.their_heartbeat_seq)))
