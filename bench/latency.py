@@ -442,8 +442,8 @@ async def run(quick: bool, smoke: bool = False
                                        + row["ack_rtt_ms"], 2)
         rows.append(row)
 
-    warmup_s, window_s = (0.5, 1.0) if smoke else (0.3, 1.0) if quick else (1.0, 10.0)
-    drain_s = 1.0 if smoke or quick else 3.0
+    warmup_s, window_s = (0.3, 0.5) if smoke else (0.3, 1.0) if quick else (1.0, 10.0)
+    drain_s = 0.5 if smoke else 1.0 if quick else 3.0
     # (mode, netbuf, offered requests/s, --min-interval)
     cost_plan: list[tuple[str, str, float, float]] = []
     if smoke:

@@ -351,7 +351,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 
     stop = _Stop()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(stop.watch, None)
+        await nursery.start(stop.watch, None)
         status = await run_demo(args.seconds, args.json, stop=stop)
         nursery.cancel_scope.cancel()
     return status
@@ -371,7 +371,7 @@ async def cmd_ctl(args: argparse.Namespace) -> int:
             status = await _ctl_client(args)
             nursery.cancel_scope.cancel()
 
-        nursery.start_soon(stop.watch, None)
+        await nursery.start(stop.watch, None)
         nursery.start_soon(client)
         await stop.event.wait()
         nursery.cancel_scope.cancel()
@@ -425,8 +425,12 @@ class _Stop:
         await trio.sleep(_REPLY_GRACE)
         self.set(reason)
 
-    async def watch(self, duration: float | None) -> None:
+    async def watch(self, duration: float | None,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Turn signals (and ``duration``) into a stop. Start it with ``nursery.start``
+        before the command says it is up: a signal from then on is a graceful stop."""
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
             with trio.move_on_after(math.inf if duration is None else duration):
                 async for signum in signals:
                     self._signalled(signum)
@@ -554,9 +558,9 @@ async def cmd_backup(args: argparse.Namespace) -> int:
                 served.set()
             stop.set("served its one primary (--once)")
 
+        await nursery.start(stop.watch, None)
         await nursery.start(serve)
         hub.emit(BackupReady(listen=listener.url))
-        nursery.start_soon(stop.watch, None)
         await stop.event.wait()
         service.stop(stop.reason)
         await served.wait()  # every primary told, every guest here stopped
@@ -667,9 +671,9 @@ async def _run_guest(args: argparse.Namespace, spec: str, plan: ProtectPlan | No
         stream = None
         if plan is not None and plan.backup is not None:
             stream = await _connect_backup(args)
+        await nursery.start(stop.watch, args.duration)
         hub.emit(DomainStarted(domain=spec, ram_bytes=domain.geometry.ram_size, host=host))
         await nursery.start(domain.run)
-        nursery.start_soon(stop.watch, args.duration)
         if plan is not None:
             try:
                 await nursery.start(functools.partial(protector.run, plan, stream=stream))
