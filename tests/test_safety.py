@@ -163,6 +163,15 @@ async def test_a_backup_past_its_takeover_window_refuses_even_without_an_end() -
         assert not backup.of("failover_complete"), backup.events[-3:]
 
 
+async def _halted_as_a_zombie(primary: TremusProcess) -> None:
+    """The primary, back from a stall the backup took for its death, stopped its guest
+    and exited 1 saying so."""
+    await primary.exited.wait()
+    assert primary.process.returncode == 1
+    halted = primary.of("ownership_lost")
+    assert halted and "stood still" in halted[0]["reason"], primary.events[-3:]
+
+
 async def test_a_stalled_primary_stops_its_guest_when_it_comes_back() -> None:
     """No fence: the backup takes over from a primary that stood still; the primary,
     back, must not answer anyone (split brain) — it stops its guest."""
@@ -175,14 +184,30 @@ async def test_a_stalled_primary_stops_its_guest_when_it_comes_back() -> None:
                                              what="failover")
         finally:
             primary.process.send_signal(signal.SIGCONT)
-        await primary.exited.wait()
-        assert primary.process.returncode == 1
-        halted = primary.of("ownership_lost")
-        assert halted and "stood still" in halted[0]["reason"], primary.events[-3:]
+        await _halted_as_a_zombie(primary)
         # Nothing of an epoch the backup does not hold got out of the zombie.
         late = [e for e in primary.of("output_released") if e["epoch"] > complete[0]["epoch"]]
         assert not late, late
         backup.kill()
+
+
+async def _late_ack_pair(nursery: trio.Nursery) -> tuple[TremusProcess, TremusProcess]:
+    """A backup that sends every ACK 300 ms late (timeout 1 s on both sides) and a
+    primary protecting a counter guest to it every 200 ms, three ACKs in."""
+    from tests._procs import free_port
+    from tremus.testing.procs import start_tremus
+
+    port = free_port()
+    backup = await start_tremus(nursery, "backup", "backup", "--listen", f"127.0.0.1:{port}",
+                                "--json", "--once", "--heartbeat-timeout", "1000",
+                                env={"TREMUS_INJECT_ACK_DELAY_MS": "300"})
+    await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
+    primary = await start_tremus(
+        nursery, "primary", "protect", "--domain",
+        "microvm:workload=counter,memory=16M,interval_ms=20", "--backup",
+        f"127.0.0.1:{port}", "--interval", "200", "--heartbeat-timeout", "1000", "--json")
+    await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 3, what="acks")
+    return backup, primary
 
 
 async def test_an_ack_read_after_a_stall_releases_nothing_once_the_backup_took_over() -> None:
@@ -191,21 +216,8 @@ async def test_an_ack_read_after_a_stall_releases_nothing_once_the_backup_took_o
     over. The primary, back, must not release N's output on that ACK (its guest's
     output would leave two hosts): it holds it until the backup shows it still serves
     it, which it never does, and stops its guest."""
-    from tests._procs import free_port
-    from tremus.testing.procs import start_tremus
-
-    port = free_port()
     async with trio.open_nursery() as nursery:
-        backup = await start_tremus(nursery, "backup", "backup", "--listen",
-                                    f"127.0.0.1:{port}", "--json", "--once",
-                                    "--heartbeat-timeout", "1000",
-                                    env={"TREMUS_INJECT_ACK_DELAY_MS": "300"})
-        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
-        primary = await start_tremus(
-            nursery, "primary", "protect", "--domain",
-            "microvm:workload=counter,memory=16M,interval_ms=20", "--backup",
-            f"127.0.0.1:{port}", "--interval", "200", "--heartbeat-timeout", "1000", "--json")
-        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 3, what="acks")
+        backup, primary = await _late_ack_pair(nursery)
 
         def unacked_sent(p: TremusProcess) -> int | None:
             acked = {e["epoch"] for e in p.of("checkpoint_acked")}
@@ -220,10 +232,7 @@ async def test_an_ack_read_after_a_stall_releases_nothing_once_the_backup_took_o
             assert epoch in applied, (epoch, sorted(applied)[-3:])  # its ACK was sent
         finally:
             primary.process.send_signal(signal.SIGCONT)
-        await primary.exited.wait()
-        assert primary.process.returncode == 1
-        halted = primary.of("ownership_lost")
-        assert halted and "stood still" in halted[0]["reason"], primary.events[-3:]
+        await _halted_as_a_zombie(primary)
         late = [e for e in primary.events if e.get("epoch", -1) >= epoch
                 and e["event"] in ("checkpoint_acked", "output_released")]
         assert not late, late
@@ -234,21 +243,8 @@ async def test_an_ack_held_after_a_short_stall_is_released_once_the_backup_answe
     """The same late ACK after a stall too short for a takeover (600 ms of the
     backup's 1000): the backup echoes the primary's next heartbeat, so the held ACK
     commits its epoch (its output goes out) and protection simply goes on."""
-    from tests._procs import free_port
-    from tremus.testing.procs import start_tremus
-
-    port = free_port()
     async with trio.open_nursery() as nursery:
-        backup = await start_tremus(nursery, "backup", "backup", "--listen",
-                                    f"127.0.0.1:{port}", "--json", "--once",
-                                    "--heartbeat-timeout", "1000",
-                                    env={"TREMUS_INJECT_ACK_DELAY_MS": "300"})
-        await backup.wait_for(lambda b: b.of("backup_ready"), what="backup_ready")
-        primary = await start_tremus(
-            nursery, "primary", "protect", "--domain",
-            "microvm:workload=counter,memory=16M,interval_ms=20", "--backup",
-            f"127.0.0.1:{port}", "--interval", "200", "--heartbeat-timeout", "1000", "--json")
-        await primary.wait_for(lambda p: len(p.of("checkpoint_acked")) >= 3, what="acks")
+        backup, primary = await _late_ack_pair(nursery)
         sent = len(primary.of("checkpoint_sent"))
         await primary.wait_for(lambda p: len(p.of("checkpoint_sent")) > sent, what="a send")
         epoch = primary.of("checkpoint_sent")[-1]["epoch"]
