@@ -482,7 +482,7 @@ async def cmd_backup(args: argparse.Namespace) -> int:
     _check_arbiter(args)
     failback = None
     if args.reprotect_to:
-        _peer_url("--reprotect-to", args.reprotect_to)
+        reprotect_url = _peer_url("--reprotect-to", args.reprotect_to)
         if args.arbiter:
             raise UsageError("--reprotect-to with --arbiter is not supported yet: protect the "
                              "guest again with `tremus ctl ... protect` once the arbiter "
@@ -490,7 +490,7 @@ async def cmd_backup(args: argparse.Namespace) -> int:
         failback = ProtectPlan(
             backup=args.reprotect_to, reprotect=2.0, tls=_tls_files(args),
             config=_protection_config(args, interval_ms=args.reprotect_interval))
-        _ssl_context(args, _url(args.reprotect_to), server=False)
+        _ssl_context(args, reprotect_url, server=False)
     hub = EventHub()
     printer = EventPrinter(args.json)
     hub.add_callback(printer)

@@ -170,7 +170,7 @@ class MicroVM:
         # Ends a HLT wait early: written by suspend/stop/wake (the NIC's TAP fd too).
         self._event_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._fds.append(self._event_fd)
-        # Written by resume()/stop() to release a parked vCPU (see _park_if_requested).
+        # Written by resume()/stop() to wake a parked vCPU that sleeps (_park_flags).
         self._resume_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._fds.append(self._resume_fd)
         # [0] "parked": set by the parked vCPU thread once it let go of the GIL
@@ -571,18 +571,15 @@ class MicroVM:
         KVM_RUN that the release entered directly, or ``_NOT_RUN``.
 
         A parked vCPU waits in C, without the GIL, and enters KVM_RUN the moment
-        ``resume()`` writes the resume eventfd: the guest's pause ends then, not
-        whenever this thread next gets the interpreter lock.
+        ``resume()`` sets the release flag: the guest's pause ends then, not
+        whenever this thread next gets the interpreter lock. The flag decides, so a
+        write to the resume eventfd left from an earlier park releases nothing.
         """
         with self._cond:
             if self._want_stop:
                 return None
             if not self._want_pause:
                 return _NOT_RUN
-            try:
-                os.eventfd_read(self._resume_fd)  # drop a release meant for an earlier park
-            except BlockingIOError:
-                pass
             self._announce_parked()
         while True:
             run_fd = -1 if self._halted else self._vcpu.fd
