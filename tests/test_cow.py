@@ -5,6 +5,7 @@ saying why, when the domain cannot offer it."""
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import threading
@@ -17,6 +18,7 @@ import trio
 
 from tests._microvm_util import needs_kvm
 from tremus._cow import CopyOnWrite
+from tremus._memory import _huge_bytes, guest_memory
 from tremus.accel import impl, native
 from tremus.domains.base import DomainError
 from tremus.domains.registry import create_domain
@@ -87,6 +89,58 @@ def test_writers_wait_for_their_page_to_be_copied(shared: bool) -> None:
         ram[0:8] = b"released"
         again = cow.copy(array("Q").tobytes(), staging)
         assert again.faults == 0
+    finally:
+        cow.close()
+        ram.close()
+
+
+def test_huge_page_units_are_protected_whole_and_stay_huge() -> None:
+    """With RAM in transparent huge pages, protection is set and lifted a huge page
+    at a time: a write to any page of a unit holding a dirty page waits until that
+    unit's dirty pages are copied, the staging buffer still gets every dirty page as
+    it was, and the RAM is still in huge pages afterwards (nothing was split)."""
+    memory = guest_memory(8 << 20)
+    if not memory.mostly_huge:
+        pytest.skip("no transparent huge pages here")
+    ram, unit = memory.mapping, memory.huge_page // PAGE
+    ram[:] = os.urandom(len(ram))
+    cow = _cow_or_skip(ram)
+    cow.unit_pages = unit
+    try:
+        dirty = [3, 300, unit + 1, 3 * unit + 5]
+        pfns = array("Q", dirty).tobytes()
+        cow.protect(pfns)
+        at_protect = bytes(ram)
+        new = os.urandom(PAGE)
+        # A clean page in a unit holding a dirty one (waits), one in a unit holding
+        # none (goes through at once).
+        waiting, free = unit + 7, 2 * unit + 9
+        done: list[int] = []
+
+        def write(pfn: int) -> None:
+            impl.memcpy(memoryview(ram)[pfn * PAGE : (pfn + 1) * PAGE], new)
+            done.append(pfn)
+
+        writers = [threading.Thread(target=write, args=(pfn,)) for pfn in (waiting, free)]
+        for writer in writers:
+            writer.start()
+        deadline = time.monotonic() + 5
+        while free not in done and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.05)
+        assert done == [free], done
+        staging = bytearray(len(dirty) * PAGE)
+        stats = cow.copy(pfns, staging)
+        for writer in writers:
+            writer.join(5)
+            assert not writer.is_alive()
+        for k, pfn in enumerate(dirty):
+            assert staging[k * PAGE : (k + 1) * PAGE] == at_protect[pfn * PAGE : (pfn + 1) * PAGE]
+        assert stats.faults >= 1
+        assert ram[waiting * PAGE : (waiting + 1) * PAGE] == new
+        ram[0:8] = b"released"
+        after = _huge_bytes(ctypes.addressof(ctypes.c_char.from_buffer(ram)), len(ram))
+        assert after >= memory.huge_bytes
     finally:
         cow.close()
         ram.close()

@@ -797,6 +797,48 @@ def test_a_parked_thread_leaves_only_when_released(spin_ns: int) -> None:
 
 
 @needs_native
+@pytest.mark.parametrize("same_cpu", [True, False], ids=["on-the-controllers-cpu", "elsewhere"])
+def test_a_park_on_the_controllers_cpu_sleeps_instead_of_spinning(same_cpu: bool) -> None:
+    """A parked thread told (flags[4:8]) that the controlling thread runs on its own
+    CPU sleeps at once, even with a long spin allowed: a spin there would only hand
+    that CPU back and forth. Told another CPU, it spins (burns CPU time) as asked."""
+    assert native is not None
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    flags = bytearray(8)
+    cpu = sorted(os.sched_getaffinity(0))[0]
+    struct.pack_into("=i", flags, 4, cpu if same_cpu else cpu + 10_000)
+    cpu_used: list[float] = []
+    results: list[tuple[int, int]] = []
+
+    def park() -> None:
+        os.sched_setaffinity(0, {cpu})
+        before = time.thread_time()
+        results.append(native.kvm_wait_run(fd, -1, flags, 5_000_000_000))
+        cpu_used.append(time.thread_time() - before)
+
+    thread = threading.Thread(target=park, daemon=True)
+    try:
+        thread.start()
+        assert native.spin_until_set(flags, 10_000_000_000)
+        time.sleep(0.3)
+        assert thread.is_alive() and not results
+        flags[1] = 1
+        os.eventfd_write(fd, 1)
+        thread.join(timeout=10)
+        assert not thread.is_alive() and results[0][0] == 0
+        if same_cpu:
+            assert cpu_used[0] < 0.1, cpu_used
+        else:
+            assert cpu_used[0] > 0.1, cpu_used
+    finally:
+        flags[1] = 1
+        os.eventfd_write(fd, 1)
+        thread.join(timeout=10)
+        os.close(fd)
+    assert native.current_cpu() in os.sched_getaffinity(0)
+
+
+@needs_native
 def test_spin_until_set_times_out_and_checks_its_buffer() -> None:
     assert native is not None
     flag = bytearray(1)

@@ -50,24 +50,29 @@ class CopyOnWrite:
     #: after the resume through a worker thread.
     min_pages = 64
 
-    def __init__(self, ram: Any) -> None:
+    def __init__(self, ram: Any, *, unit_pages: int = 1) -> None:
         if native is None:
             raise OSError("copy-on-write needs the native helper (tremus._native)")
         self._ram = ram
+        #: Protection is set and lifted this many pages at a time, aligned in the
+        #: address space: RAM in transparent huge pages is protected a huge page at a
+        #: time, one page-table entry however many of its pages are dirty, and stays
+        #: in huge pages (lifting part of one would split it).
+        self.unit_pages = unit_pages
         self._fd = native.wp_open(ram)
 
     def protect(self, pfns: Any) -> None:
         """In the pause: write-protect pages ``pfns`` (ascending little-endian u64).
         ``copy`` must follow, or the guest's next write to one of them waits for ever."""
         assert native is not None
-        native.wp_protect(self._fd, self._ram, pfns)
+        native.wp_protect(self._fd, self._ram, pfns, self.unit_pages)
 
     def copy(self, pfns: Any, staging: Any) -> CopyStats:
         """After resume (blocking: run it in a worker thread): copy the protected pages
         to ``staging`` as they were at ``protect``, and release them all."""
         assert native is not None
         faults, serve_ns, serve_max_ns, copy_ns = native.wp_copy(
-            self._fd, self._ram, pfns, staging, self.run_pages)
+            self._fd, self._ram, pfns, staging, self.run_pages, self.unit_pages)
         return CopyStats(faults, serve_ns / 1e3, serve_max_ns / 1e3, copy_ns / 1e3)
 
     def close(self) -> None:

@@ -78,9 +78,13 @@ def kvm_get_vcpu_state(vcpu_fd: int) -> tuple[bytes, bytes, bytes]:
 
 def kvm_wait_run(wait_fd: int, vcpu_fd: int, flags: Buffer, spin_ns: int = 0) -> tuple[int, int]:
     """Park (GIL released): set ``flags[0]``, wait until ``flags[1]`` is set (spinning
-    up to ``spin_ns``, then sleeping on the eventfd ``wait_fd``, written after it),
+    up to ``spin_ns``, then sleeping on the eventfd ``wait_fd``, written after it;
+    sleeping at once if ``flags[4:8]`` holds, as an int32, the CPU this thread is on),
     then KVM_RUN at once (skipped if ``vcpu_fd`` < 0). Returns (0 or -errno,
     CLOCK_MONOTONIC ns at the end of the wait)."""
+
+def current_cpu() -> int:
+    """The CPU the calling thread runs on now (-1 if unknown)."""
 
 def spin_until_set(flag: Buffer, timeout_ns: int) -> bool:
     """Spin (GIL released) until ``flag[0]`` is non-zero, or ``timeout_ns`` passed."""
@@ -100,12 +104,14 @@ def wp_open(ram: Buffer) -> int:
     """A userfaultfd (non-blocking, close-on-exec) with ``ram`` (a page-aligned
     mapping) registered in write-protect mode. OSError names the step that failed."""
 
-def wp_protect(fd: int, ram: Buffer, pfns: Buffer) -> int:
-    """Write-protect pages ``pfns`` (ascending little-endian u64) of ``ram``; returns
-    the ioctls made (one per run of consecutive pfns)."""
+def wp_protect(fd: int, ram: Buffer, pfns: Buffer, unit_pages: int = 1) -> int:
+    """Write-protect the units (``unit_pages`` pages, aligned in the address space)
+    holding pages ``pfns`` (ascending little-endian u64) of ``ram``; returns the
+    ioctls made (one per run of consecutive units)."""
 
-def wp_copy(fd: int, ram: Buffer, pfns: Buffer, staging: Buffer, run_pages: int = 64
-            ) -> tuple[int, int, int, int]:
+def wp_copy(fd: int, ram: Buffer, pfns: Buffer, staging: Buffer, run_pages: int = 64,
+            unit_pages: int = 1) -> tuple[int, int, int, int]:
     """Copy the protected pages to ``staging`` (page ``k`` = page ``pfns[k]``, as it
-    was when protected) while serving write faults (copy first, then release), and
-    release every page. Returns (faults, serve_ns, serve_max_ns, copy_ns)."""
+    was when protected) while serving write faults (copy the unit's pages first,
+    then release the unit), and release every unit. Returns (faults, serve_ns,
+    serve_max_ns, copy_ns)."""

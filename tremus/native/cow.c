@@ -110,36 +110,72 @@ static Py_ssize_t check_pfns(const Py_buffer *pfns, Py_ssize_t ram_len) {
     return n;
 }
 
-/* Write-protect the pages pfns[] of ram: one ioctl per run of consecutive pfns. */
+/* Protection is set and lifted in units of unit_pages pages aligned in the address
+ * space (a transparent huge page is one unit: it stays whole, and protecting it is
+ * one page-table entry however many of its pages are dirty). unit_pages 1 is per page. */
+struct units {
+    uint64_t shift, size, pages;
+};
+
+static struct units units_of(const Py_buffer *ram, Py_ssize_t unit_pages) {
+    struct units u = {.size = unit_pages < 1 ? 1 : (uint64_t)unit_pages,
+                      .pages = (uint64_t)ram->len / TREMUS_PAGE_SIZE};
+    u.shift = ((uint64_t)(uintptr_t)ram->buf / TREMUS_PAGE_SIZE) % u.size;
+    return u;
+}
+
+static inline uint64_t unit_of(const struct units *u, uint64_t pfn) {
+    return (pfn + u->shift) / u->size;
+}
+
+/* [first, end) pages of ram covered by units a..b, clipped to ram. */
+static inline void unit_span(const struct units *u, uint64_t a, uint64_t b, uint64_t *first,
+                             uint64_t *end) {
+    uint64_t lo = a * u->size, hi = (b + 1) * u->size;
+    *first = lo > u->shift ? lo - u->shift : 0;
+    *end = hi - u->shift < u->pages ? hi - u->shift : u->pages;
+}
+
+/* Write-protect the units holding pages pfns[] of ram: one ioctl per run of
+ * consecutive units. */
 PyObject *tn_wp_protect(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fd", "ram", "pfns", NULL};
+    static char *kwlist[] = {"fd", "ram", "pfns", "unit_pages", NULL};
     int fd;
+    Py_ssize_t unit_pages = 1;
     Py_buffer ram = {0}, pfns = {0};
     PyObject *result = NULL;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&O&:wp_protect", kwlist, &fd, tn_conv_rw,
-                                     &ram, tn_conv_ro, &pfns))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&O&|n:wp_protect", kwlist, &fd, tn_conv_rw,
+                                     &ram, tn_conv_ro, &pfns, &unit_pages))
         return NULL;
     Py_ssize_t n = check_pfns(&pfns, ram.len);
     if (n < 0)
         goto done;
+    struct units u = units_of(&ram, unit_pages);
     uint64_t base = (uint64_t)(uintptr_t)ram.buf;
     const unsigned char *p = pfns.buf;
     int failed = 0;
     Py_ssize_t runs = 0;
+    uint64_t protected_from = 0, protected_to = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n && !failed;) {
-        uint64_t first = tn_load_le64(p + 8 * i);
+        uint64_t a = unit_of(&u, tn_load_le64(p + 8 * i)), b = a;
         Py_ssize_t j = i + 1;
-        while (j < n && tn_load_le64(p + 8 * j) == first + (uint64_t)(j - i))
-            j++;
-        if (wp_range(fd, base + first * TREMUS_PAGE_SIZE,
-                     (uint64_t)(j - i) * TREMUS_PAGE_SIZE, 1) != 0) {
+        while (j < n && unit_of(&u, tn_load_le64(p + 8 * j)) <= b + 1)
+            b = unit_of(&u, tn_load_le64(p + 8 * j++));
+        uint64_t first, end;
+        unit_span(&u, a, b, &first, &end);
+        if (wp_range(fd, base + first * TREMUS_PAGE_SIZE, (end - first) * TREMUS_PAGE_SIZE,
+                     1) != 0) {
             failed = errno;
             /* Lift what this call protected: nothing may stay protected unserved. */
-            for (Py_ssize_t k = 0; k < i; k++)
-                wp_range(fd, base + tn_load_le64(p + 8 * k) * TREMUS_PAGE_SIZE,
-                         TREMUS_PAGE_SIZE, 0);
+            if (protected_to > protected_from)
+                wp_range(fd, base + protected_from * TREMUS_PAGE_SIZE,
+                         (protected_to - protected_from) * TREMUS_PAGE_SIZE, 0);
+        } else {
+            if (!runs)
+                protected_from = first;
+            protected_to = end;
         }
         runs++;
         i = j;
@@ -160,6 +196,7 @@ done:
 struct sweep {
     int fd;
     uint64_t base;
+    struct units units;
     const unsigned char *ram, *pfns;
     unsigned char *staging, *copied;
     Py_ssize_t n;
@@ -167,30 +204,37 @@ struct sweep {
     int error;
 };
 
-static Py_ssize_t index_of(const struct sweep *s, uint64_t pfn) {
+static inline uint64_t pfn_at(const struct sweep *s, Py_ssize_t k) {
+    return tn_load_le64(s->pfns + 8 * k);
+}
+
+/* Index of the first dirty page at or after pfn. */
+static Py_ssize_t lower_bound(const struct sweep *s, uint64_t pfn) {
     Py_ssize_t lo = 0, hi = s->n;
     while (lo < hi) {
         Py_ssize_t mid = lo + (hi - lo) / 2;
-        uint64_t v = tn_load_le64(s->pfns + 8 * mid);
-        if (v == pfn)
-            return mid;
-        if (v < pfn)
+        if (pfn_at(s, mid) < pfn)
             lo = mid + 1;
         else
             hi = mid;
     }
-    return -1;
+    return lo;
 }
 
 static inline void copy_page(struct sweep *s, Py_ssize_t k) {
-    uint64_t pfn = tn_load_le64(s->pfns + 8 * k);
-    memcpy(s->staging + (size_t)k * TREMUS_PAGE_SIZE, s->ram + pfn * TREMUS_PAGE_SIZE,
+    memcpy(s->staging + (size_t)k * TREMUS_PAGE_SIZE, s->ram + pfn_at(s, k) * TREMUS_PAGE_SIZE,
            TREMUS_PAGE_SIZE);
     s->copied[k] = 1;
 }
 
-/* Serve every write fault waiting now: copy the page if the sweep has not yet,
- * then lift its protection, which wakes the writer. */
+static void release(struct sweep *s, uint64_t first, uint64_t end) {
+    if (wp_range(s->fd, s->base + first * TREMUS_PAGE_SIZE, (end - first) * TREMUS_PAGE_SIZE,
+                 0) != 0 && !s->error)
+        s->error = errno;
+}
+
+/* Serve every write fault waiting now: copy the faulting unit's dirty pages the
+ * sweep has not copied yet, then lift the unit's protection, which wakes the writer. */
 static void serve_faults(struct sweep *s) {
     struct uffd_msg msgs[16];
     for (;;) {
@@ -204,12 +248,13 @@ static void serve_faults(struct sweep *s) {
             if (msgs[m].event != UFFD_EVENT_PAGEFAULT)
                 continue;
             uint64_t t0 = now_ns();
-            uint64_t page = msgs[m].arg.pagefault.address & ~(uint64_t)(TREMUS_PAGE_SIZE - 1);
-            Py_ssize_t k = index_of(s, (page - s->base) / TREMUS_PAGE_SIZE);
-            if (k >= 0 && !s->copied[k])
-                copy_page(s, k);
-            if (wp_range(s->fd, page, TREMUS_PAGE_SIZE, 0) != 0 && !s->error)
-                s->error = errno;
+            uint64_t pfn = (msgs[m].arg.pagefault.address - s->base) / TREMUS_PAGE_SIZE;
+            uint64_t u = unit_of(&s->units, pfn), first, end;
+            unit_span(&s->units, u, u, &first, &end);
+            for (Py_ssize_t k = lower_bound(s, first); k < s->n && pfn_at(s, k) < end; k++)
+                if (!s->copied[k])
+                    copy_page(s, k);
+            release(s, first, end);
             uint64_t took = now_ns() - t0;
             s->faults++;
             s->serve_ns += took;
@@ -219,19 +264,20 @@ static void serve_faults(struct sweep *s) {
     }
 }
 
-/* wp_copy(fd, ram, pfns, staging, run_pages=64) -> (faults, serve_ns, serve_max_ns, copy_ns)
+/* wp_copy(fd, ram, pfns, staging, run_pages=64, unit_pages=1)
+ *     -> (faults, serve_ns, serve_max_ns, copy_ns)
  *
  * Page k of staging becomes page pfns[k] of ram as it was when wp_protect ran. */
 PyObject *tn_wp_copy(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fd", "ram", "pfns", "staging", "run_pages", NULL};
+    static char *kwlist[] = {"fd", "ram", "pfns", "staging", "run_pages", "unit_pages", NULL};
     int fd;
-    Py_ssize_t run_pages = 64;
+    Py_ssize_t run_pages = 64, unit_pages = 1;
     Py_buffer ram = {0}, pfns = {0}, staging = {0};
     PyObject *result = NULL;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&O&O&|n:wp_copy", kwlist, &fd, tn_conv_rw,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&O&O&|nn:wp_copy", kwlist, &fd, tn_conv_rw,
                                      &ram, tn_conv_ro, &pfns, tn_conv_rw, &staging,
-                                     &run_pages))
+                                     &run_pages, &unit_pages))
         return NULL;
     Py_ssize_t n = check_pfns(&pfns, ram.len);
     if (n < 0)
@@ -244,35 +290,41 @@ PyObject *tn_wp_copy(PyObject *self, PyObject *args, PyObject *kw) {
     if (run_pages < 1)
         run_pages = 1;
     struct sweep s = {
-        .fd = fd, .base = (uint64_t)(uintptr_t)ram.buf, .ram = ram.buf, .pfns = pfns.buf,
-        .staging = staging.buf, .n = n,
+        .fd = fd, .base = (uint64_t)(uintptr_t)ram.buf, .units = units_of(&ram, unit_pages),
+        .ram = ram.buf, .pfns = pfns.buf, .staging = staging.buf, .n = n,
     };
     s.copied = calloc(n ? (size_t)n : 1, 1);
     if (s.copied == NULL) {
         /* Cannot track: lift every protection so that no writer stays blocked. */
-        for (Py_ssize_t k = 0; k < n; k++)
-            wp_range(fd, s.base + tn_load_le64(s.pfns + 8 * k) * TREMUS_PAGE_SIZE,
-                     TREMUS_PAGE_SIZE, 0);
+        if (n)
+            release(&s, 0, s.units.pages);
         PyErr_NoMemory();
         goto done;
     }
     uint64_t started = now_ns();
     Py_BEGIN_ALLOW_THREADS
+    /* A step copies consecutive units, at most run_pages dirty pages unless one unit
+     * holds more, then lifts their protection in one call. */
     for (Py_ssize_t i = 0; i < n;) {
         serve_faults(&s);
-        uint64_t first = tn_load_le64(s.pfns + 8 * i);
+        uint64_t a = unit_of(&s.units, pfn_at(&s, i)), b = a;
         Py_ssize_t j = i + 1;
-        while (j < n && j - i < run_pages && tn_load_le64(s.pfns + 8 * j) == first + (uint64_t)(j - i))
+        while (j < n) {
+            uint64_t next = unit_of(&s.units, pfn_at(&s, j));
+            if (next > b + 1 || (next != b && j - i >= run_pages))
+                break;
+            b = next;
             j++;
+        }
         for (Py_ssize_t k = i; k < j; k++)
             if (!s.copied[k])
                 copy_page(&s, k);
-        if (wp_range(fd, s.base + first * TREMUS_PAGE_SIZE, (uint64_t)(j - i) * TREMUS_PAGE_SIZE,
-                     0) != 0 && !s.error)
-            s.error = errno;
+        uint64_t first, end;
+        unit_span(&s.units, a, b, &first, &end);
+        release(&s, first, end);
         i = j;
     }
-    /* Writers woken by the last runs left their messages: read them (no copy needed). */
+    /* Writers woken by the last steps left their messages: read them (no copy needed). */
     serve_faults(&s);
     Py_END_ALLOW_THREADS
     uint64_t copy_ns = now_ns() - started;

@@ -207,14 +207,19 @@ static int spin_until(const unsigned char *flag, long long timeout_ns) {
 
 /* Park a vCPU thread until it is released, then enter KVM_RUN at once, all without
  * the GIL: a resumed guest runs again without waiting for the interpreter lock,
- * which the controlling thread may hold for a while. ``flags`` is two bytes shared
- * with the controlling thread: this call sets flags[0] ("parked") once the GIL is let
- * go, and the controlling thread sets flags[1] ("released") then writes the eventfd
+ * which the controlling thread may hold for a while. ``flags`` is shared with the
+ * controlling thread: this call sets flags[0] ("parked") once the GIL is let go, and
+ * the controlling thread sets flags[1] ("released") then writes the eventfd
  * ``wait_fd``. The park spins on flags[1] for up to ``spin_ns`` (a sleeping thread's
  * wake-up is ~25 us of every pause here), then sleeps on the eventfd, which only
  * wakes it to look at the flag again (a write that arrives after the flag was seen
- * is harmless). With ``vcpu_fd`` < 0 it only waits. Returns (KVM_RUN result or
- * -errno, CLOCK_MONOTONIC ns when the wait ended). */
+ * is harmless). If flags[4:8] holds the CPU the controlling thread runs on (int32,
+ * native order; -1: unknown) and this thread is on that CPU too, it sleeps at once:
+ * a spin there would hand the CPU to the controlling thread at its first yield and
+ * get it back only when that thread sleeps, after the whole pause and the release
+ * (300-600 us late here), while sleeping lets the release wake it on an idle CPU.
+ * With ``vcpu_fd`` < 0 it only waits. Returns (KVM_RUN result or -errno,
+ * CLOCK_MONOTONIC ns when the wait ended). */
 PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"wait_fd", "vcpu_fd", "flags", "spin_ns", NULL};
     int wait_fd, vcpu_fd, rc = 0, err = 0;
@@ -231,9 +236,14 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
         return NULL;
     }
     unsigned char *parked = flags.buf, *released = parked + 1;
+    int32_t controller_cpu = -1;
+    if (flags.len >= 8)
+        memcpy(&controller_cpu, parked + 4, sizeof controller_cpu);
     Py_BEGIN_ALLOW_THREADS
     __atomic_store_n(parked, (unsigned char)1, __ATOMIC_RELEASE);
-    if (!spin_until(released, spin_ns)) {
+    if (controller_cpu >= 0 && sched_getcpu() == controller_cpu)
+        spin_ns = 0;
+    if (spin_ns <= 0 || !spin_until(released, spin_ns)) {
         while (!__atomic_load_n(released, __ATOMIC_ACQUIRE)) {
             uint64_t value;
             struct pollfd pfd = {.fd = wait_fd, .events = POLLIN};
@@ -283,4 +293,11 @@ PyObject *tn_spin_until_set(PyObject *self, PyObject *args, PyObject *kw) {
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&buf);
     return PyBool_FromLong(set);
+}
+
+/* The CPU the calling thread runs on now (-1 if unknown). */
+PyObject *tn_current_cpu(PyObject *self, PyObject *args) {
+    (void)self;
+    (void)args;
+    return PyLong_FromLong(sched_getcpu());
 }

@@ -74,7 +74,8 @@ static PyMethodDef methods[] = {
     {"kvm_get_vcpu_state", KW tn_kvm_get_vcpu_state, METH_VARARGS | METH_KEYWORDS,
      "kvm_get_vcpu_state(vcpu_fd) -> (regs, sregs, fpu) as bytes"},
     {"kvm_wait_run", KW tn_kvm_wait_run, METH_VARARGS | METH_KEYWORDS,
-     "kvm_wait_run(wait_fd, vcpu_fd, parked=None) -> (0 or -errno, resumed_ns)"},
+     "kvm_wait_run(wait_fd, vcpu_fd, flags, spin_ns=0) -> (0 or -errno, resumed_ns)"},
+    {"current_cpu", tn_current_cpu, METH_NOARGS, "current_cpu() -> int"},
     {"spin_until_set", KW tn_spin_until_set, METH_VARARGS | METH_KEYWORDS,
      "spin_until_set(flag, timeout_ns) -> bool"},
     {"install_kick_handler", KW tn_install_kick_handler, METH_VARARGS | METH_KEYWORDS,
@@ -86,9 +87,9 @@ static PyMethodDef methods[] = {
     {"wp_open", KW tn_wp_open, METH_VARARGS | METH_KEYWORDS,
      "wp_open(ram) -> userfaultfd registered for write-protect over ram"},
     {"wp_protect", KW tn_wp_protect, METH_VARARGS | METH_KEYWORDS,
-     "wp_protect(fd, ram, pfns) -> ioctls made"},
+     "wp_protect(fd, ram, pfns, unit_pages=1) -> ioctls made"},
     {"wp_copy", KW tn_wp_copy, METH_VARARGS | METH_KEYWORDS,
-     "wp_copy(fd, ram, pfns, staging, run_pages=64) -> (faults, serve_ns, serve_max_ns, copy_ns)"},
+     "wp_copy(fd, ram, pfns, staging, run_pages=64, unit_pages=1) -> (faults, serve_ns, serve_max_ns, copy_ns)"},
     {NULL, NULL, 0, NULL},
 };
 

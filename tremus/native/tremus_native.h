@@ -87,6 +87,7 @@ PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kvm_get_vcpu_state(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_spin_until_set(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_current_cpu(PyObject *self, PyObject *args);
 extern PyTypeObject tn_Hash64Type;
 PyObject *tn_install_kick_handler(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kick(PyObject *self, PyObject *args, PyObject *kw);

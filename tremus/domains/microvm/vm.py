@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import math
-import mmap
 import os
 import select
 import signal
@@ -26,6 +25,7 @@ import trio
 
 from tremus._cow import CopyOnWrite
 from tremus._groups import collapse_groups
+from tremus._memory import guest_memory
 from tremus.accel import impl, native
 from tremus.domains.base import ConsoleSink, DomainError, Geometry
 from tremus.domains.microvm import _kvm, abi
@@ -110,16 +110,9 @@ class MicroVM:
         try:
             self._vm_fd = _kvm_create_vm(self._kvm_fd)
             self._fds.append(self._vm_fd)
-            self._mem_fd = os.memfd_create("tremus-guest-ram", os.MFD_CLOEXEC)
-            self._fds.append(self._mem_fd)
-            os.ftruncate(self._mem_fd, config.memory)
-            # Allocate guest RAM up front: the first (full) checkpoint copies all of it
-            # inside a pause, and a page allocated on first touch there costs ~6x a
-            # copied one; a guest that cannot have its RAM fails here, not mid-run.
-            os.posix_fallocate(self._mem_fd, 0, config.memory)
-            self._mmap = mmap.mmap(self._mem_fd, config.memory,
-                                   mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                                   mmap.PROT_READ | mmap.PROT_WRITE)
+            memory = guest_memory(config.memory)
+            self._mmap = memory.mapping
+            self._cow_unit_pages = memory.huge_page // abi.PAGE_SIZE if memory.mostly_huge else 1
             self._ram = memoryview(self._mmap)
             region = _kvm.UserspaceMemoryRegion(
                 slot=0, flags=_kvm.KVM_MEM_LOG_DIRTY_PAGES, guest_phys_addr=0,
@@ -175,8 +168,10 @@ class MicroVM:
         self._fds.append(self._resume_fd)
         # [0] "parked": set by the parked vCPU thread once it let go of the GIL
         # (suspend spins on it); [1] "released": set by resume()/stop(), before they
-        # write _resume_fd (the parked thread spins on it, then sleeps on the fd).
-        self._park_flags = bytearray(2)
+        # write _resume_fd (the parked thread spins on it, then sleeps on the fd);
+        # [4:8] the CPU suspend() ran on (int32, -1 unknown).
+        self._park_flags = bytearray(8)
+        self._park_flags[4:8] = struct.pack("=i", -1)
         self._poller = select.poll()
         self._poller.register(self._event_fd, select.POLLIN)
         #: The paravirtual NIC (``tap=``), or None.
@@ -336,7 +331,7 @@ class MicroVM:
         first use; DomainError if this host cannot write-protect it."""
         if self._cow is None:
             try:
-                self._cow = CopyOnWrite(self._mmap)
+                self._cow = CopyOnWrite(self._mmap, unit_pages=self._cow_unit_pages)
             except OSError as exc:
                 raise DomainError(f"userfaultfd write-protect: {exc}") from exc
         return self._cow
@@ -400,6 +395,9 @@ class MicroVM:
         with self._cond:
             self._want_pause = True
             self._park_flags[0] = 0
+            # Where this thread runs: a vCPU that parks on the same CPU sleeps
+            # rather than spins (kvm_wait_run says why).
+            struct.pack_into("=i", self._park_flags, 4, self._native.current_cpu())
             self._cond.notify_all()
             thread_id = self._thread_id
         self._poke()
