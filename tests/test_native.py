@@ -113,6 +113,27 @@ def test_bitmap_empty_and_errors(impl: ModuleType) -> None:
         impl.dirty_bitmap_to_pfns("not a buffer")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bitmap_to_pfns_into_a_buffer(impl: ModuleType) -> None:
+    """Into a reused buffer: whole dirty words, partial ones and ``extra`` as the
+    bytes version gives them; pfns that do not fit are refused with ``extra`` kept."""
+    rng = random.Random(7)
+    bm = bytearray(b"\xff" * 24 + bytes(rng.randrange(256) for _ in range(40)) + b"\xff" * 8)
+    extra = bytearray(len(bm))
+    extra[30] = 0x10
+    expected = impl.dirty_bitmap_to_pfns(bytes(bm), bytearray(extra))
+    out = bytearray(8 * 8 * len(bm) + 24)
+    out[-8:] = b"untouch!"
+    count = impl.dirty_bitmap_to_pfns_into(bm, extra, out)
+    assert out[: 8 * count] == expected and out[-8:] == b"untouch!"
+    assert extra == bytes(len(bm))
+    kept = bytearray(b"\x10")
+    with pytest.raises(ValueError, match="out holds 3 pfns"):
+        impl.dirty_bitmap_to_pfns_into(b"\x0f", kept, bytearray(24))
+    assert kept == b"\x10"
+    assert impl.dirty_bitmap_to_pfns_into(b"\x0f", None, bytearray(32)) == 4
+
+
 @pytest.mark.skipif(len(BOTH) < 2, reason="tremus._native is not built")
 @given(st.binary(max_size=300), st.binary(max_size=300))
 def test_bitmap_impls_agree(a: bytes, b: bytes) -> None:

@@ -14,6 +14,7 @@ uses it when the domain offers it and falls back to copying in the pause.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, final
 
@@ -50,7 +51,8 @@ class CopyOnWrite:
     #: after the resume through a worker thread.
     min_pages = 64
 
-    def __init__(self, ram: Any, *, unit_pages: int = 1) -> None:
+    def __init__(self, ram: Any, *, unit_pages: int = 1,
+                 rearm: Callable[[], None] | None = None) -> None:
         if native is None:
             raise OSError("copy-on-write needs the native helper (tremus._native)")
         self._ram = ram
@@ -59,20 +61,41 @@ class CopyOnWrite:
         #: time, one page-table entry however many of its pages are dirty, and stays
         #: in huge pages (lifting part of one would split it).
         self.unit_pages = unit_pages
+        self._rearm = rearm
+        self._rearm_due = False
         self._fd = native.wp_open(ram)
+
+    @property
+    def rearm_due(self) -> bool:
+        """``protect`` ran and ``copy`` has not yet: the owner's ``rearm`` (given at
+        construction) is left to ``copy``, after the resume."""
+        return self._rearm_due
 
     def protect(self, pfns: Any) -> None:
         """In the pause: write-protect pages ``pfns`` (ascending little-endian u64).
-        ``copy`` must follow, or the guest's next write to one of them waits for ever."""
+        ``copy`` must follow, or the guest's next write to one of them waits for ever.
+
+        The owner's dirty tracking of these pages may then restart after the resume,
+        in ``copy`` (``rearm``), out of the pause: until ``copy`` releases a page, no
+        write reaches it, so none can go unrecorded. ``pfns`` must hold every page
+        whose tracking ``rearm`` restarts.
+        """
         assert native is not None
         native.wp_protect(self._fd, self._ram, pfns, self.unit_pages)
+        self._rearm_due = self._rearm is not None
 
     def copy(self, pfns: Any, staging: Any) -> CopyStats:
         """After resume (blocking: run it in a worker thread): copy the protected pages
         to ``staging`` as they were at ``protect``, and release them all."""
         assert native is not None
-        faults, serve_ns, serve_max_ns, copy_ns = native.wp_copy(
-            self._fd, self._ram, pfns, staging, self.run_pages, self.unit_pages)
+        try:
+            if self._rearm_due:
+                self._rearm_due = False
+                assert self._rearm is not None
+                self._rearm()
+        finally:
+            faults, serve_ns, serve_max_ns, copy_ns = native.wp_copy(
+                self._fd, self._ram, pfns, staging, self.run_pages, self.unit_pages)
         return CopyStats(faults, serve_ns / 1e3, serve_max_ns / 1e3, copy_ns / 1e3)
 
     def close(self) -> None:

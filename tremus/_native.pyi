@@ -16,6 +16,10 @@ def dirty_bitmap_to_pfns(bitmap: Buffer, extra: bytearray | None = None) -> byte
     OR-ed with ``extra`` (same layout, same length) when given, as ascending
     little-endian u64 pfns. ``extra`` is zeroed afterwards."""
 
+def dirty_bitmap_to_pfns_into(bitmap: Buffer, extra: bytearray | None, out: Buffer) -> int:
+    """``dirty_bitmap_to_pfns`` into ``out`` (writable, 8 bytes a pfn); returns how
+    many pfns it wrote. ValueError if they do not fit."""
+
 def gather(src: Buffer, pfns: Buffer, dst: Buffer, page_size: int = 4096) -> int:
     """Copy page ``pfns[i]`` of ``src`` to ``dst[i*page_size:]``; returns bytes copied.
     ``pfns`` is little-endian u64. ValueError if a pfn is out of ``src`` or ``dst`` is
@@ -82,6 +86,10 @@ def kvm_wait_run(wait_fd: int, vcpu_fd: int, flags: Buffer, spin_ns: int = 0) ->
     sleeping at once if ``flags[4:8]`` holds, as an int32, the CPU this thread is on),
     then KVM_RUN at once (skipped if ``vcpu_fd`` < 0). Returns (0 or -errno,
     CLOCK_MONOTONIC ns at the end of the wait)."""
+
+def clear_dirty_log(vm_fd: int, slot: int, bitmap: Buffer, pages: int) -> None:
+    """KVM_CLEAR_DIRTY_LOG over a whole slot of ``pages`` pages: clear the bits set in
+    ``bitmap`` and write-protect those pages again (manual dirty-log protection)."""
 
 def current_cpu() -> int:
     """The CPU the calling thread runs on now (-1 if unknown)."""

@@ -28,6 +28,7 @@ __all__ = [
     "PAGE_SIZE",
     "empty_bytearray",
     "dirty_bitmap_to_pfns",
+    "dirty_bitmap_to_pfns_into",
     "gather",
     "scatter",
     "hash64",
@@ -132,6 +133,23 @@ def dirty_bitmap_to_pfns(bitmap: Buffer, extra: Buffer | None = None) -> bytes:
         base = m.start() * 8
         pfns.extend(base + b for b in _BITS_OF[data[m.start()]])
     return _pfn_bytes(pfns)
+
+
+def dirty_bitmap_to_pfns_into(bitmap: Buffer, extra: Buffer | None, out: Buffer) -> int:
+    """``dirty_bitmap_to_pfns`` into ``out``; returns how many pfns it wrote."""
+    dst = _view(out, writable=True)
+    if extra is not None and len(_view(extra)) != len(_view(bitmap)):
+        raise ValueError(f"extra has {len(_view(extra))} bytes, bitmap has {len(_view(bitmap))}")
+    bm = _view(bitmap)
+    data = bm.tobytes() if extra is None else (
+        int.from_bytes(bm, "little") | int.from_bytes(_view(extra), "little")
+    ).to_bytes(len(bm), "little")
+    count = sum(bin(byte).count("1") for byte in data if byte)
+    if count * 8 > len(dst):
+        raise ValueError(f"out holds {len(dst) // 8} pfns, {count} pages are dirty")
+    pfns = dirty_bitmap_to_pfns(bitmap, extra)
+    dst[: len(pfns)] = pfns
+    return len(pfns) // 8
 
 
 # -- gather / scatter / memcpy ---------------------------------------------------------

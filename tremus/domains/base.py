@@ -78,7 +78,8 @@ class Domain(Protocol):
 
     def read_and_clear_dirty(self) -> memoryview:
         """Page frame numbers written since the last call (guest and VMM writes),
-        as a memoryview of unsigned 64-bit integers, ascending. Only while suspended."""
+        as a memoryview of unsigned 64-bit integers, ascending, valid until the next
+        call. Only while suspended."""
 
     def save_state(self) -> bytes:
         """vCPU and device state as versioned bytes. Only while suspended."""

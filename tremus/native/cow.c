@@ -136,6 +136,27 @@ static inline void unit_span(const struct units *u, uint64_t a, uint64_t b, uint
     *end = hi - u->shift < u->pages ? hi - u->shift : u->pages;
 }
 
+/* From index j, the end of the run of dirty pages in unit *b or the units right
+ * after it (*b advances to the last unit taken), stopping at a new unit once
+ * max_pages pages were taken since index from (max_pages < 0: no limit). No
+ * division per page: a large epoch has tens of thousands of them. */
+static Py_ssize_t next_unit(const unsigned char *p, Py_ssize_t j, Py_ssize_t n,
+                            const struct units *u, uint64_t *b, Py_ssize_t max_pages) {
+    Py_ssize_t from = j - 1;
+    uint64_t boundary = (*b + 1) * u->size - u->shift; /* first pfn of unit *b + 1 */
+    while (j < n) {
+        uint64_t pfn = tn_load_le64(p + 8 * j);
+        if (pfn >= boundary) {
+            if (pfn >= boundary + u->size || (max_pages >= 0 && j - from >= max_pages))
+                break;
+            ++*b;
+            boundary += u->size;
+        }
+        j++;
+    }
+    return j;
+}
+
 /* Write-protect the units holding pages pfns[] of ram: one ioctl per run of
  * consecutive units. */
 PyObject *tn_wp_protect(PyObject *self, PyObject *args, PyObject *kw) {
@@ -160,9 +181,7 @@ PyObject *tn_wp_protect(PyObject *self, PyObject *args, PyObject *kw) {
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n && !failed;) {
         uint64_t a = unit_of(&u, tn_load_le64(p + 8 * i)), b = a;
-        Py_ssize_t j = i + 1;
-        while (j < n && unit_of(&u, tn_load_le64(p + 8 * j)) <= b + 1)
-            b = unit_of(&u, tn_load_le64(p + 8 * j++));
+        Py_ssize_t j = next_unit(p, i + 1, n, &u, &b, -1);
         uint64_t first, end;
         unit_span(&u, a, b, &first, &end);
         if (wp_range(fd, base + first * TREMUS_PAGE_SIZE, (end - first) * TREMUS_PAGE_SIZE,
@@ -308,14 +327,7 @@ PyObject *tn_wp_copy(PyObject *self, PyObject *args, PyObject *kw) {
     for (Py_ssize_t i = 0; i < n;) {
         serve_faults(&s);
         uint64_t a = unit_of(&s.units, pfn_at(&s, i)), b = a;
-        Py_ssize_t j = i + 1;
-        while (j < n) {
-            uint64_t next = unit_of(&s.units, pfn_at(&s, j));
-            if (next > b + 1 || (next != b && j - i >= run_pages))
-                break;
-            b = next;
-            j++;
-        }
+        Py_ssize_t j = next_unit(s.pfns, i + 1, n, &s.units, &b, run_pages);
         for (Py_ssize_t k = i; k < j; k++)
             if (!s.copied[k])
                 copy_page(&s, k);

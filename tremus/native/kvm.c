@@ -69,6 +69,41 @@ PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw) {
     Py_RETURN_NONE;
 }
 
+/* KVM_CLEAR_DIRTY_LOG over a whole slot of ``pages`` pages: clear the bits set in
+ * ``bitmap`` and write-protect those pages again (manual dirty-log protection). */
+PyObject *tn_clear_dirty_log(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"vm_fd", "slot", "bitmap", "pages", NULL};
+    int fd, rc, err = 0;
+    unsigned int slot, pages;
+    Py_buffer bm;
+    struct kvm_clear_dirty_log log;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iIO&I:clear_dirty_log", kwlist, &fd, &slot,
+                                     tn_conv_ro, &bm, &pages))
+        return NULL;
+    if (bm.len * 8 < (Py_ssize_t)pages) {
+        PyErr_Format(PyExc_ValueError, "bitmap of %zd bytes cannot hold %u pages", bm.len, pages);
+        PyBuffer_Release(&bm);
+        return NULL;
+    }
+    memset(&log, 0, sizeof log);
+    log.slot = slot;
+    log.first_page = 0;
+    log.num_pages = pages;
+    log.dirty_bitmap = bm.buf;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, KVM_CLEAR_DIRTY_LOG, &log);
+    if (rc < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&bm);
+    if (rc < 0) {
+        errno = err;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "KVM_CLEAR_DIRTY_LOG");
+    }
+    Py_RETURN_NONE;
+}
+
 static void noop_handler(int signum) { (void)signum; }
 
 PyObject *tn_install_kick_handler(PyObject *self, PyObject *args, PyObject *kw) {

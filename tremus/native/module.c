@@ -53,6 +53,8 @@ Py_ssize_t tn_first_pfn_at_or_above(const unsigned char *pfns, Py_ssize_t n, uin
 static PyMethodDef methods[] = {
     {"dirty_bitmap_to_pfns", KW tn_dirty_bitmap_to_pfns, METH_VARARGS | METH_KEYWORDS,
      "dirty_bitmap_to_pfns(bitmap, extra=None) -> bytes of ascending little-endian u64 pfns"},
+    {"dirty_bitmap_to_pfns_into", KW tn_dirty_bitmap_to_pfns_into, METH_VARARGS | METH_KEYWORDS,
+     "dirty_bitmap_to_pfns_into(bitmap, extra, out) -> count"},
     {"gather", KW tn_gather, METH_VARARGS | METH_KEYWORDS,
      "gather(src, pfns, dst, page_size=4096) -> bytes copied"},
     {"scatter", KW tn_scatter, METH_VARARGS | METH_KEYWORDS,
@@ -75,6 +77,8 @@ static PyMethodDef methods[] = {
      "kvm_get_vcpu_state(vcpu_fd) -> (regs, sregs, fpu) as bytes"},
     {"kvm_wait_run", KW tn_kvm_wait_run, METH_VARARGS | METH_KEYWORDS,
      "kvm_wait_run(wait_fd, vcpu_fd, flags, spin_ns=0) -> (0 or -errno, resumed_ns)"},
+    {"clear_dirty_log", KW tn_clear_dirty_log, METH_VARARGS | METH_KEYWORDS,
+     "clear_dirty_log(vm_fd, slot, bitmap, pages) -> None"},
     {"current_cpu", tn_current_cpu, METH_NOARGS, "current_cpu() -> int"},
     {"spin_until_set", KW tn_spin_until_set, METH_VARARGS | METH_KEYWORDS,
      "spin_until_set(flag, timeout_ns) -> bool"},

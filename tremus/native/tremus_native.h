@@ -68,6 +68,7 @@ Py_ssize_t tn_first_pfn_at_or_above(const unsigned char *pfns, Py_ssize_t n, uin
 
 /* memory.c */
 PyObject *tn_dirty_bitmap_to_pfns(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_dirty_bitmap_to_pfns_into(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_gather(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_scatter(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_memcpy(PyObject *self, PyObject *args, PyObject *kw);
@@ -88,6 +89,7 @@ PyObject *tn_kvm_get_vcpu_state(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_spin_until_set(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_current_cpu(PyObject *self, PyObject *args);
+PyObject *tn_clear_dirty_log(PyObject *self, PyObject *args, PyObject *kw);
 extern PyTypeObject tn_Hash64Type;
 PyObject *tn_install_kick_handler(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kick(PyObject *self, PyObject *args, PyObject *kw);

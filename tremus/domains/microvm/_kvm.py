@@ -21,6 +21,11 @@ KVM_SET_SREGS = 0x4138AE84
 KVM_GET_FPU = 0x81A0AE8C
 KVM_SET_FPU = 0x41A0AE8D
 
+KVM_ENABLE_CAP = 0x4068AEA3
+
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1
+
 KVM_MEM_LOG_DIRTY_PAGES = 1
 
 KVM_EXIT_IO = 2
@@ -113,6 +118,13 @@ assert ctypes.sizeof(Regs) == 144
 assert ctypes.sizeof(Sregs) == 312
 assert ctypes.sizeof(Fpu) == 416
 assert ctypes.sizeof(UserspaceMemoryRegion) == 32
+
+
+class EnableCap(ctypes.Structure):
+    _fields_ = [
+        ("cap", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+        ("args", ctypes.c_uint64 * 4), ("pad", ctypes.c_uint8 * 64),
+    ]
 
 
 def ioctl_struct(fd: int, request: int, struct: ctypes.Structure) -> None:

@@ -25,7 +25,7 @@ import trio
 
 from tremus._cow import CopyOnWrite
 from tremus._groups import collapse_groups
-from tremus._memory import guest_memory
+from tremus._memory import guest_memory, prefaulted_buffer
 from tremus.accel import impl, native
 from tremus.domains.base import ConsoleSink, DomainError, Geometry
 from tremus.domains.microvm import _kvm, abi
@@ -110,6 +110,7 @@ class MicroVM:
         try:
             self._vm_fd = _kvm_create_vm(self._kvm_fd)
             self._fds.append(self._vm_fd)
+            self._manual_dirty_log = _enable_manual_dirty_log(self._vm_fd)
             memory = guest_memory(config.memory)
             self._mmap = memory.mapping
             self._cow_unit_pages = memory.huge_page // abi.PAGE_SIZE if memory.mostly_huge else 1
@@ -126,6 +127,9 @@ class MicroVM:
             raise DomainError(f"cannot create the micro-VM: {exc}") from exc
         bitmap_bytes = (self._geometry.pages + 63) // 64 * 8
         self._kvm_bitmap = bytearray(bitmap_bytes)
+        self._pfns = memoryview(prefaulted_buffer(self._geometry.pages * 8))
+        #: The dirty pages last read, still to be cleared in KVM (manual protection).
+        self._dirty_to_rearm: bytes | None = None
         self._vmm_bitmap = bytearray(bitmap_bytes)
 
         self.clock = Clock()
@@ -322,16 +326,32 @@ class MicroVM:
             self._vmm_bitmap[pfn >> 3] |= 1 << (pfn & 7)
 
     def read_and_clear_dirty(self) -> memoryview:
+        """The pages written since the last call (a view valid until the next call:
+        its buffer is reused, allocated once). With manual dirty-log protection
+        KVM only reports them here; they are cleared and write-protected again
+        (the per-page part) by ``resume``, or after it by copy-on-write capture,
+        which holds every one of them protected until then."""
+        self._rearm_dirty_log()  # a read that no resume followed
         self._native.get_dirty_log(self._vm_fd, 0, self._kvm_bitmap)
-        pfns = impl.dirty_bitmap_to_pfns(self._kvm_bitmap, self._vmm_bitmap)
-        return memoryview(pfns).cast("Q")
+        count = impl.dirty_bitmap_to_pfns_into(self._kvm_bitmap, self._vmm_bitmap, self._pfns)
+        if self._manual_dirty_log:
+            self._dirty_to_rearm = bytes(self._kvm_bitmap)
+        return self._pfns[: 8 * count].cast("Q")
+
+    def _rearm_dirty_log(self) -> None:
+        """Clear the pages last read from the dirty log, so that their next write is
+        seen (called by ``resume`` or, off the pause, by copy-on-write capture)."""
+        bitmap, self._dirty_to_rearm = self._dirty_to_rearm, None
+        if bitmap is not None:
+            self._native.clear_dirty_log(self._vm_fd, 0, bitmap, self._geometry.pages)
 
     def copy_on_write(self) -> CopyOnWrite:
         """Copy-on-write capture over this machine's RAM (``tremus._cow``), opened on
         first use; DomainError if this host cannot write-protect it."""
         if self._cow is None:
             try:
-                self._cow = CopyOnWrite(self._mmap, unit_pages=self._cow_unit_pages)
+                self._cow = CopyOnWrite(self._mmap, unit_pages=self._cow_unit_pages,
+                                        rearm=self._rearm_dirty_log)
             except OSError as exc:
                 raise DomainError(f"userfaultfd write-protect: {exc}") from exc
         return self._cow
@@ -424,6 +444,9 @@ class MicroVM:
         self.suspends += 1
 
     async def resume(self) -> None:
+        if self._dirty_to_rearm is not None and not (self._cow is not None
+                                                     and self._cow.rearm_due):
+            self._rearm_dirty_log()
         with self._cond:
             self._want_pause = False
             # Released: the vCPU thread enters KVM_RUN straight from its park, and
@@ -669,6 +692,19 @@ class MicroVM:
         sink = self._console_sink
         if sink is not None and self._token is not None:
             self._token.run_sync_soon(sink, line)
+
+
+def _enable_manual_dirty_log(vm_fd: int) -> bool:
+    """Manual dirty-log protection: KVM_GET_DIRTY_LOG then only reports, and
+    write-protecting the pages again is a separate call (KVM_CLEAR_DIRTY_LOG) that
+    need not happen inside the pause. False on a kernel without it (Linux < 5.3)."""
+    cap = _kvm.EnableCap(cap=_kvm.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+    cap.args[0] = _kvm.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+    try:
+        _kvm.ioctl_struct(vm_fd, _kvm.KVM_ENABLE_CAP, cap)
+    except OSError:
+        return False
+    return True
 
 
 def _kvm_create_vm(kvm_fd: int) -> int:
