@@ -3,6 +3,7 @@ semantics, and against each other byte for byte (tremus/_native.pyi is the contr
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import mmap
 import os
@@ -15,6 +16,7 @@ import threading
 import time
 from array import array
 from types import ModuleType
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -857,6 +859,61 @@ def test_a_park_on_the_controllers_cpu_sleeps_instead_of_spinning(same_cpu: bool
         thread.join(timeout=10)
         os.close(fd)
     assert native.current_cpu() in os.sched_getaffinity(0)
+
+
+@needs_native
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_a_park_on_the_controllers_cpu_moves_off_it_and_back() -> None:
+    """With another CPU allowed, a thread that parks on the controlling thread's CPU
+    moves off it for the pause (it spins elsewhere) and has its own affinity back
+    once released; the registers it is asked to save arrive, or the error does."""
+    assert native is not None
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    flags = bytearray(8)
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    struct.pack_into("=i", flags, 4, cpus[0])
+    state = bytearray(4096)
+    seen: dict[str, Any] = {}
+
+    def park() -> None:
+        os.sched_setaffinity(0, {cpus[0]})
+        while native.current_cpu() != cpus[0]:
+            time.sleep(0.001)
+        os.sched_setaffinity(0, set(cpus))  # allowed on both, running on the first
+        # An eventfd is no vCPU: the register read fails and says so in flags[3].
+        seen["result"] = native.kvm_wait_run(fd, -1, flags, 5_000_000_000, fd, state)
+        seen["affinity"] = os.sched_getaffinity(0)
+
+    thread = threading.Thread(target=park, daemon=True)
+    try:
+        thread.start()
+        assert native.spin_until_set(flags, 10_000_000_000)
+        assert native.spin_until_set(memoryview(flags)[2:3], 10_000_000_000)
+        assert flags[3] == errno.ENOTTY
+        tid = thread.native_id
+        assert tid is not None
+        deadline = time.monotonic() + 5
+        while _cpu_of(tid) == cpus[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _cpu_of(tid) == cpus[1]
+        assert os.sched_getaffinity(tid) == {cpus[1]}
+        flags[1] = 1
+        os.eventfd_write(fd, 1)
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+        assert seen["result"][0] == 0 and seen["affinity"] == set(cpus)
+    finally:
+        flags[1] = 1
+        os.eventfd_write(fd, 1)
+        thread.join(timeout=10)
+        os.close(fd)
+    with pytest.raises(ValueError, match="state"):
+        native.kvm_wait_run(fd, -1, bytearray(8), 0, 3, bytearray(16))
+
+
+def _cpu_of(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/stat") as stat:
+        return int(stat.read().rsplit(")", 1)[1].split()[36])
 
 
 @needs_native

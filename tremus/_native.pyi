@@ -80,8 +80,11 @@ def get_dirty_log(vm_fd: int, slot: int, bitmap: Buffer) -> None:
 def kvm_get_vcpu_state(vcpu_fd: int) -> tuple[bytes, bytes, bytes]:
     """KVM_GET_REGS, KVM_GET_SREGS and KVM_GET_FPU in one call; OSError on failure."""
 
-def kvm_wait_run(wait_fd: int, vcpu_fd: int, flags: Buffer, spin_ns: int = 0) -> tuple[int, int]:
-    """Park (GIL released): set ``flags[0]``, wait until ``flags[1]`` is set (spinning
+def kvm_wait_run(wait_fd: int, vcpu_fd: int, flags: Buffer, spin_ns: int = 0,
+                 save_fd: int = -1, state: Buffer | None = None) -> tuple[int, int]:
+    """Park (GIL released): set ``flags[0]``; with ``save_fd`` >= 0 read that vCPU's
+    kvm_regs, kvm_sregs and kvm_fpu into ``state`` and set ``flags[2]`` (``flags[3]``:
+    errno & 0xff of a failed read, else 0); wait until ``flags[1]`` is set (spinning
     up to ``spin_ns``, then sleeping on the eventfd ``wait_fd``, written after it;
     sleeping at once if ``flags[4:8]`` holds, as an int32, the CPU this thread is on),
     then KVM_RUN at once (skipped if ``vcpu_fd`` < 0). Returns (0 or -errno,

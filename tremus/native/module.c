@@ -76,7 +76,7 @@ static PyMethodDef methods[] = {
     {"kvm_get_vcpu_state", KW tn_kvm_get_vcpu_state, METH_VARARGS | METH_KEYWORDS,
      "kvm_get_vcpu_state(vcpu_fd) -> (regs, sregs, fpu) as bytes"},
     {"kvm_wait_run", KW tn_kvm_wait_run, METH_VARARGS | METH_KEYWORDS,
-     "kvm_wait_run(wait_fd, vcpu_fd, flags, spin_ns=0) -> (0 or -errno, resumed_ns)"},
+     "kvm_wait_run(wait_fd, vcpu_fd, flags, spin_ns=0, save_fd=-1, state=None) -> (0 or -errno, resumed_ns)"},
     {"clear_dirty_log", KW tn_clear_dirty_log, METH_VARARGS | METH_KEYWORDS,
      "clear_dirty_log(vm_fd, slot, bitmap, pages) -> None"},
     {"current_cpu", tn_current_cpu, METH_NOARGS, "current_cpu() -> int"},

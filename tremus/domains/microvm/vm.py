@@ -7,6 +7,7 @@ kicks the vCPU out of KVM_RUN (``immediate_exit`` + a signal to its thread).
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import math
@@ -74,6 +75,21 @@ _PARK_SPIN_NS = 1_000_000
 _PARK_WAIT = 0.002
 #: How long a parked vCPU thread spins for its release before it sleeps.
 _RELEASE_SPIN_NS = 2_000_000
+#: How long save_state() waits for a parked vCPU thread to read its registers (three
+#: ioctls: ~35 us; a thread preempted there may take a scheduler tick or two).
+_STATE_WAIT_NS = 5_000_000_000
+
+
+def _state_slices() -> tuple[tuple[str, int, int], ...]:
+    """Where kvm_wait_run puts each part of the parked vCPU's registers."""
+    slices, offset = [], 0
+    for name, part in (("regs", _kvm.Regs), ("sregs", _kvm.Sregs), ("fpu", _kvm.Fpu)):
+        slices.append((name, offset, offset + ctypes.sizeof(part)))
+        offset += ctypes.sizeof(part)
+    return tuple(slices)
+
+
+_VCPU_STATE_SLICES = _state_slices()
 
 
 @final
@@ -91,8 +107,12 @@ class MicroVM:
         kvm_path = kvm_path or os.environ.get("TREMUS_KVM_DEVICE", "/dev/kvm")
         self._native = _require_native()
         self._cow: CopyOnWrite | None = None
-        #: The vCPU's registers as the vCPU thread read them when it parked.
-        self._parked_vcpu: dict[str, bytes] | None = None
+        #: The vCPU's registers (kvm_regs, kvm_sregs, kvm_fpu) as the vCPU thread read
+        #: them once parked: _park_flags[2] says they are there.
+        self._parked_state = bytearray(_VCPU_STATE_SLICES[-1][2])
+        self._parked_state_view = memoryview(self._parked_state)
+        #: One packer for every save_state (a new one per pause cost ~25 us more).
+        self._packer = msgpack.Packer()
         self._nursery: trio.Nursery | None = None
         #: Completed suspends: a disk write made while it reads N belongs to the
         #: epoch that suspend N + 1 closes (replication tags writes with it).
@@ -359,8 +379,9 @@ class MicroVM:
     def save_state(self) -> bytes:
         if not self._parked and self._running:
             raise DomainError("save_state() needs a suspended domain")
-        vcpu = self._parked_vcpu if self._parked and self._parked_vcpu else self._vcpu.save()
-        return msgpack.packb({
+        vcpu: Mapping[str, bytes | memoryview] = (
+            self._parked_registers() if self._parked else self._vcpu.save())
+        return self._packer.pack({
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
             "vcpu": vcpu,
@@ -453,7 +474,6 @@ class MicroVM:
             # leaves that call only at the guest's next exit. Until then it is
             # running, and a suspend must stop it again, not find it "parked".
             self._parked = False
-            self._parked_vcpu = None
             self._park_flags[1] = 1
             if not self._closed:
                 os.eventfd_write(self._resume_fd, 1)
@@ -587,6 +607,17 @@ class MicroVM:
             if self.exit_port.code is not None:
                 return
 
+    def _parked_registers(self) -> dict[str, memoryview]:
+        """The registers the parked vCPU thread reads right after it parks."""
+        if not self._native.spin_until_set(memoryview(self._park_flags)[2:3], _STATE_WAIT_NS):
+            raise DomainError(f"the parked vCPU did not save its registers within "
+                              f"{_STATE_WAIT_NS / 1e9:g} s")
+        if self._park_flags[3]:
+            raise DomainError(f"reading the parked vCPU's registers: "
+                              f"{os.strerror(self._park_flags[3])}")
+        state = self._parked_state_view
+        return {name: state[start:end] for name, start, end in _VCPU_STATE_SLICES}
+
     def _park_if_requested(self) -> int | None:
         """Park while a pause is requested. None: stop. Otherwise the result of the
         KVM_RUN that the release entered directly, or ``_NOT_RUN``.
@@ -605,11 +636,11 @@ class MicroVM:
         while True:
             run_fd = -1 if self._halted else self._vcpu.fd
             rc, self.resumed_at_ns = self._native.kvm_wait_run(
-                self._resume_fd, run_fd, self._park_flags, _RELEASE_SPIN_NS)
+                self._resume_fd, run_fd, self._park_flags, _RELEASE_SPIN_NS,
+                self._vcpu.fd, self._parked_state)
             with self._cond:
                 if self._want_stop:
                     self._parked = False
-                    self._parked_vcpu = None
                     return None
                 if self._want_pause and run_fd < 0:
                     # Released, and asked to pause again before the guest ran (it
@@ -617,17 +648,17 @@ class MicroVM:
                     self._announce_parked()
                     continue
                 self._parked = False
-                self._parked_vcpu = None
             return _NOT_RUN if run_fd < 0 else rc
 
     def _announce_parked(self) -> None:
         """Parked (``_cond`` held): tell ``suspend``, waiting here or in the event loop."""
         self.stopped_at_ns = time.perf_counter_ns()
         self._park_flags[1] = 0
-        # The registers are read here, by the thread that runs the vCPU: a vCPU ioctl
-        # from any other thread first moves the vCPU's context to it, which made
-        # save_state() ~80 us slower inside the pause.
-        self._parked_vcpu = self._vcpu.save()
+        # The registers are read by this thread, the one that runs the vCPU (a vCPU
+        # ioctl from any other thread first moves the vCPU's context to it, which made
+        # save_state() ~80 us slower inside the pause), once parked, in kvm_wait_run:
+        # the pause goes on meanwhile, and save_state() waits for them (flags[2]).
+        self._park_flags[2] = 0
         self._parked = True
         self._cond.notify_all()
         # Only a suspend waiting in the event loop needs the loop woken: that wake-up
