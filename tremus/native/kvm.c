@@ -282,8 +282,9 @@ static int move_away_from(int cpu, cpu_set_t *original) {
  * flags[2] only when it needs them. If flags[4:8] holds the CPU the controlling
  * thread runs on (int32, native order; -1: unknown) and this thread is on that CPU
  * too (the scheduler put them together in about 4 pauses out of 10 here), it moves
- * to another CPU for the pause, its affinity restored once released: there it reads
- * its registers while the controlling thread goes on, and is running when released.
+ * to another CPU for the pause once its registers are read (waking an idle CPU can
+ * take hundreds of us here: they are not left waiting for it), its affinity
+ * restored once released: it is running there when released.
  * Left there, its spin would hand the CPU to the controlling thread at its first
  * yield and get it back only when that thread sleeps, after the whole pause and the
  * release (300-600 us late). With no other CPU allowed it sleeps at once instead.
@@ -329,11 +330,6 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
     int moved = 0;
     Py_BEGIN_ALLOW_THREADS
     __atomic_store_n(parked, (unsigned char)1, __ATOMIC_RELEASE);
-    if (controller_cpu >= 0 && sched_getcpu() == controller_cpu) {
-        moved = move_away_from(controller_cpu, &original);
-        if (!moved)
-            spin_ns = 0;
-    }
     if (save_fd >= 0) {
         unsigned char *out = state.buf;
         const char *what = "";
@@ -346,6 +342,11 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
         memcpy(out + sizeof regs + sizeof sregs, &fpu, sizeof fpu);
         parked[3] = (unsigned char)(failed ? (failed & 0xff ? failed & 0xff : 0xff) : 0);
         __atomic_store_n(parked + 2, (unsigned char)1, __ATOMIC_RELEASE);
+    }
+    if (controller_cpu >= 0 && sched_getcpu() == controller_cpu) {
+        moved = move_away_from(controller_cpu, &original);
+        if (!moved)
+            spin_ns = 0;
     }
     if (spin_ns <= 0 || !spin_until(released, spin_ns)) {
         while (!__atomic_load_n(released, __ATOMIC_ACQUIRE)) {
