@@ -7,8 +7,9 @@ For a micro-VM running the ``dirty`` workload over a working set of about D page
 
 * ``copy`` — the dirty pages are copied into the staging buffer inside the pause;
 * ``cow`` — copy-on-write (``tremus._cow``): inside the pause they are only
-  write-protected (userfaultfd); after resume the native helper copies them while the
-  guest runs, and a guest write to a page not yet copied waits for that page. As in
+  write-protected (userfaultfd, a 2 MiB unit at a time when the guest's RAM is in
+  transparent huge pages: ``unit_pages``); after resume the native helper copies them
+  while the guest runs, and a guest write to a unit not yet copied waits for it. As in
   the engine, an epoch of fewer than ``CopyOnWrite.min_pages`` (64) dirty pages is
   copied in the pause instead (cheaper than the write-protect call).
 
@@ -19,14 +20,17 @@ Per row, medians over the epochs:
 * ``pause_us`` (``_p90``, ``_max``) — from "vCPU stopped" to "vCPU running again";
 * ``steps_us`` — the engine's own work inside the pause (dirty log + capture + state);
 * the breakdown of the pause: ``wake_us`` (vCPU parked -> ``suspend()`` returned in
-  the Trio thread), ``dirty_log_us`` (read and clear the dirty log), ``capture_us``
-  (copy: copy the pages; cow: write-protect them), ``state_us`` (save vCPU and device
-  state), ``release_us`` (state saved -> resume released the vCPU), ``reentry_us``
+  the Trio thread), ``dirty_log_us`` (read the dirty log: with KVM's manual dirty-log
+  protection, clearing it is left to ``resume``, or under copy-on-write to the copy
+  after it), ``capture_us`` (copy: copy the pages; cow: write-protect them),
+  ``state_us`` (save vCPU and device state), ``release_us`` (state saved -> resume
+  released the vCPU: copy rows clear the dirty log there), ``reentry_us``
   (released -> the vCPU thread back in KVM_RUN). They add up to ``pause_us`` roughly;
 * cow only, what the guest pays after the pause: ``copy_us`` (the copy after resume),
   ``cow_faults`` / ``cow_faults_max`` (guest writes per epoch that waited for their
-  page) and ``fault_serve_us_max`` (the longest time serving one such fault; the
-  writer also waited for the copy loop to look, at most one run of 64 pages).
+  unit) and ``fault_serve_us_max`` (the longest time serving one such fault: copying
+  the unit's dirty pages not yet copied; the writer also waited for the copy loop to
+  look, at most one step of 64 pages or one unit).
 
 Target: cow pause <= 200 us at every D (Remus: ~4.4 ms at 1024 on 2008 hardware).
 """
@@ -114,6 +118,7 @@ async def measure(pages: int, epochs: int, method: str) -> dict[str, float | int
             "cow_faults": statistics.median(c.faults for c in copies),
             "cow_faults_max": max(c.faults for c in copies),
             "fault_serve_us_max": round(max(c.serve_max_us for c in copies), 1),
+            "unit_pages": cow.unit_pages if cow is not None else 1,
         })
     return row
 

@@ -328,9 +328,14 @@ PyObject *tn_wp_copy(PyObject *self, PyObject *args, PyObject *kw) {
         serve_faults(&s);
         uint64_t a = unit_of(&s.units, pfn_at(&s, i)), b = a;
         Py_ssize_t j = next_unit(s.pfns, i + 1, n, &s.units, &b, run_pages);
-        for (Py_ssize_t k = i; k < j; k++)
+        for (Py_ssize_t k = i; k < j; k++) {
             if (!s.copied[k])
                 copy_page(&s, k);
+            /* A unit may hold more than run_pages dirty pages: writers elsewhere are
+             * served between every run_pages pages all the same. */
+            if ((k - i) % run_pages == run_pages - 1)
+                serve_faults(&s);
+        }
         uint64_t first, end;
         unit_span(&s.units, a, b, &first, &end);
         release(&s, first, end);
