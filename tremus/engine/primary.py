@@ -2,7 +2,8 @@
 
 Per epoch N:
 
-1. wait for the interval, measured from the previous resume;
+1. wait for the interval, measured from the previous resume; send CHECKPOINT_BEGIN N
+   (the backup wakes up while the pages are captured);
 2. suspend the domain; ``postsuspend(N)`` on every device (close epoch N's output);
 3. read and clear the dirty log; gather those pages into the staging buffer
    (native, GIL released); save the vCPU and device state;
@@ -106,6 +107,8 @@ class _Capture:
 
 
 @dataclass(slots=True)
+
+
 class _Inflight:
     epoch: int
     dirty_pages: int
@@ -439,6 +442,10 @@ class PrimarySession:
             while len(self._inflight) >= max_inflight:
                 self._inflight_changed = trio.Event()
                 await self._inflight_changed.wait()
+            # Announced before the pause: the backup (often asleep on an idle CPU,
+            # whose wake-up took 0.5-1.5 ms on these machines) wakes up while the
+            # pages are captured, not when they start to arrive.
+            await self._link.send(p.CheckpointBegin(epoch, epoch == 0))
             capture = await self._capture(epoch, full=epoch == 0)
             resumed_at = trio.current_time()
             await self._send_checkpoint(epoch, epoch == 0, capture)
@@ -534,7 +541,7 @@ class PrimarySession:
             # Byte counts are recorded before the last frame leaves: its ACK may be
             # handled before this task runs again.
             coded = 0
-            parts = conn.send_parts(p.CheckpointBegin(epoch, full))
+            parts: list[p.BytesLike] = []
             for batch_pfns, batch_pages in split_batches(pfns, pages, self._page_size):
                 data = codec.encode(batch_pages, batch_pfns)
                 coded += len(data)
