@@ -21,6 +21,8 @@ from tremus.engine import protocol as p
 __all__ = ["Link"]
 
 _COALESCE = 64 * 1024
+#: Buffers one sendmsg takes at most (Linux's IOV_MAX).
+_IOV_MAX = 1024
 #: How long a side that found its peer silent still listens for bytes already on
 #: their way (pending in the socket) before it believes the silence.
 _PENDING_GRACE = 0.01
@@ -131,18 +133,20 @@ class Link:
     async def send(self, event: p.Event) -> int:
         return await self.send_parts(self.conn.send_parts(event))
 
-    async def send_parts(self, parts: Iterable[p.BytesLike]) -> int:
-        """Send frame pieces in order, small ones coalesced; returns bytes sent.
+    async def send_parts(self, parts: Iterable[p.BytesLike | None]) -> int:
+        """Send frame pieces in order; returns bytes sent.
 
-        ``parts`` may be a generator that builds frames as it goes: each is sent as
-        soon as it is built, so building the next overlaps the network and the peer.
+        ``parts`` may be a generator that builds frames as it goes. What it yielded
+        is written when it yields ``None`` (a flush) or ends, all of it at once: one
+        ``sendmsg`` on a socket (no copy, and one wake-up of the peer for a frame's
+        header, pfns and pages, and the frames that follow them), else small pieces
+        joined and large ones written as they are. Building the next frame after a
+        flush overlaps the network and the peer.
         """
         if self.stream is None:
-            return sum(len(part) for part in parts)
+            return sum(len(part) for part in parts if part is not None)
         total = 0
         async with self._send_lock:
-            pending: list[p.BytesLike] = []
-            pending_len = 0
             # A frame is sent whole or the link is lost: cancelling a send half way
             # would leave the peer a truncated frame, which a backup must take for
             # the primary's death. So sends are shielded, and bounded instead by a
@@ -150,22 +154,15 @@ class Link:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self.stall_timeout
                 try:
-                    for part in itertools.chain(parts, (b"",)):
-                        if 0 < len(part) < _COALESCE:
-                            pending.append(part)
-                            pending_len += len(part)
-                            if pending_len < _COALESCE:
-                                continue
-                            part = b""
+                    pending: list[p.BytesLike] = []
+                    for part in itertools.chain(parts, (None,)):
+                        if part is not None:
+                            if len(part):
+                                pending.append(part)
+                            continue
                         if pending:
-                            await self.stream.send_all(b"".join(pending))
-                            total += pending_len
-                            pending, pending_len = [], 0
-                            scope.deadline = trio.current_time() + self.stall_timeout
-                        if part:
-                            await self.stream.send_all(part)
-                            total += len(part)
-                            scope.deadline = trio.current_time() + self.stall_timeout
+                            total += await self._write(pending, scope)
+                            pending = []
                 except _IO_ERRORS as exc:
                     raise self._lost(f"sending to the {self._peer} failed: {describe(exc)}"
                                      ) from exc
@@ -174,6 +171,37 @@ class Link:
                                  f"{self.stall_timeout * 1000:g} ms")
             self.last_sent = trio.current_time()
         await trio.lowlevel.checkpoint_if_cancelled()
+        return total
+
+    async def _write(self, parts: list[p.BytesLike], scope: trio.CancelScope) -> int:
+        """Write ``parts`` in order; every write that makes progress pushes back the
+        deadline of ``scope``."""
+        assert self.stream is not None
+        total = sum(len(part) for part in parts)
+        if self._socket is not None:
+            views = [memoryview(part).cast("B") for part in parts]
+            first = 0
+            while first < len(views):
+                sent = await self._socket.sendmsg(views[first : first + _IOV_MAX])
+                scope.deadline = trio.current_time() + self.stall_timeout
+                while first < len(views) and sent >= len(views[first]):
+                    sent -= len(views[first])
+                    first += 1
+                if sent:
+                    views[first] = views[first][sent:]
+            return total
+        small: list[p.BytesLike] = []
+        for part in [*parts, b""]:
+            if 0 < len(part) < _COALESCE:
+                small.append(part)
+                continue
+            if small:
+                await self.stream.send_all(b"".join(small))
+                small = []
+                scope.deadline = trio.current_time() + self.stall_timeout
+            if part:
+                await self.stream.send_all(part)
+                scope.deadline = trio.current_time() + self.stall_timeout
         return total
 
     async def aclose(self) -> None:

@@ -536,18 +536,23 @@ class PrimarySession:
         self._inflight[epoch] = record
         conn, codec = self._conn, self._codec
 
-        def frames() -> Iterator[p.BytesLike]:
-            # Built one PAGES frame at a time, each sent before the next is coded.
-            # Byte counts are recorded before the last frame leaves: its ACK may be
-            # handled before this task runs again.
+        def frames() -> Iterator[p.BytesLike | None]:
+            # Built one PAGES frame at a time, each written (``None``: flush) before
+            # the next is coded. STATE and END are built before the last PAGES frame
+            # leaves and go with it: the backup has the whole checkpoint with its
+            # last page. Byte counts are recorded before the last frame leaves: its
+            # ACK may be handled before this task runs again.
             coded = 0
-            parts: list[p.BytesLike] = []
-            for batch_pfns, batch_pages in split_batches(pfns, pages, self._page_size):
+            batches = list(split_batches(pfns, pages, self._page_size))
+            for index, (batch_pfns, batch_pages) in enumerate(batches, 1):
                 data = codec.encode(batch_pages, batch_pfns)
                 coded += len(data)
-                parts += conn.send_parts(p.Pages(epoch, batch_pfns, data, codec.name))
-                record.bytes_sent += sum(len(part) for part in parts)
-                yield from parts
+                parts = conn.send_parts(p.Pages(epoch, batch_pfns, data, codec.name))
+                if index < len(batches):
+                    record.bytes_sent += sum(len(part) for part in parts)
+                    yield from parts
+                    yield None
+            if not batches:
                 parts = []
             parts += conn.send_parts(p.State(epoch, state))
             parts += conn.send_parts(p.CheckpointEnd(epoch, count, coded, digest, ram_digest))
