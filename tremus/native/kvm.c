@@ -35,9 +35,26 @@ PyObject *tn_kvm_run(PyObject *self, PyObject *args, PyObject *kw) {
     return PyLong_FromLong(rc < 0 ? -err : rc);
 }
 
+/* A dirty-log ioctl on the VM without the GIL; releases bm; None or OSError. */
+static PyObject *bitmap_ioctl(int fd, unsigned long request, void *arg, Py_buffer *bm,
+                              const char *name) {
+    int rc, err = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, request, arg);
+    if (rc < 0)
+        err = errno;
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(bm);
+    if (rc < 0) {
+        errno = err;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, name);
+    }
+    Py_RETURN_NONE;
+}
+
 PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"vm_fd", "slot", "bitmap", NULL};
-    int fd, rc, err = 0;
+    int fd;
     unsigned int slot;
     Py_buffer bm;
     struct kvm_dirty_log log;
@@ -56,24 +73,14 @@ PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw) {
     memset(&log, 0, sizeof log);
     log.slot = slot;
     log.dirty_bitmap = bm.buf;
-    Py_BEGIN_ALLOW_THREADS
-    rc = ioctl(fd, KVM_GET_DIRTY_LOG, &log);
-    if (rc < 0)
-        err = errno;
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&bm);
-    if (rc < 0) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    return bitmap_ioctl(fd, KVM_GET_DIRTY_LOG, &log, &bm, "KVM_GET_DIRTY_LOG");
 }
 
 /* KVM_CLEAR_DIRTY_LOG over a whole slot of ``pages`` pages: clear the bits set in
  * ``bitmap`` and write-protect those pages again (manual dirty-log protection). */
 PyObject *tn_clear_dirty_log(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"vm_fd", "slot", "bitmap", "pages", NULL};
-    int fd, rc, err = 0;
+    int fd;
     unsigned int slot, pages;
     Py_buffer bm;
     struct kvm_clear_dirty_log log;
@@ -91,17 +98,7 @@ PyObject *tn_clear_dirty_log(PyObject *self, PyObject *args, PyObject *kw) {
     log.first_page = 0;
     log.num_pages = pages;
     log.dirty_bitmap = bm.buf;
-    Py_BEGIN_ALLOW_THREADS
-    rc = ioctl(fd, KVM_CLEAR_DIRTY_LOG, &log);
-    if (rc < 0)
-        err = errno;
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&bm);
-    if (rc < 0) {
-        errno = err;
-        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "KVM_CLEAR_DIRTY_LOG");
-    }
-    Py_RETURN_NONE;
+    return bitmap_ioctl(fd, KVM_CLEAR_DIRTY_LOG, &log, &bm, "KVM_CLEAR_DIRTY_LOG");
 }
 
 static void noop_handler(int signum) { (void)signum; }
