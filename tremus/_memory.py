@@ -72,7 +72,7 @@ def guest_memory(size: int) -> GuestMemory:
     Allocated up front: the first (full) checkpoint copies all of it inside a
     pause, a page allocated on first touch there costs ~6x a copied one, and a
     guest that cannot have its RAM fails here, not mid-run. Huge pages make
-    userfaultfd write-protection one page-table entry per 2 MiB (~30x cheaper in
+    userfaultfd write-protection one page-table entry per 2 MiB (~20x cheaper in
     the pause than 4 KiB entries). Not inherited across fork: no child process
     ever shares (and copy-on-write faults) the guest's pages.
     """

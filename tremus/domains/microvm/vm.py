@@ -436,8 +436,8 @@ class MicroVM:
         with self._cond:
             self._want_pause = True
             self._park_flags[0] = 0
-            # Where this thread runs: a vCPU that parks on the same CPU sleeps
-            # rather than spins (kvm_wait_run says why).
+            # Where this thread runs: a vCPU that parks on the same CPU moves off it
+            # for the pause, or sleeps if it may run nowhere else (kvm_wait_run).
             struct.pack_into("=i", self._park_flags, 4, self._native.current_cpu())
             self._cond.notify_all()
             thread_id = self._thread_id
