@@ -1,4 +1,4 @@
-"""The micro-VM: guest RAM in a memfd, one long-mode vCPU, paravirtual devices.
+"""The micro-VM: guest RAM in transparent huge pages, one long-mode vCPU, paravirtual devices.
 
 The vCPU runs in a worker thread (``trio.to_thread``) that loops on KVM_RUN and
 dispatches exits to the devices; the Trio side parks and releases it. Suspending
