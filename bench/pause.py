@@ -23,7 +23,8 @@ Per row, medians over the epochs:
   the Trio thread), ``dirty_log_us`` (read the dirty log: with KVM's manual dirty-log
   protection, clearing it is left to ``resume``, or under copy-on-write to the copy
   after it), ``capture_us`` (copy: copy the pages; cow: write-protect them),
-  ``state_us`` (save vCPU and device state), ``release_us`` (state saved -> resume
+  ``state_us`` (snapshot the vCPU and device state; encoding it waits until after
+  the resume, as in the engine), ``release_us`` (state saved -> resume
   released the vCPU: copy rows clear the dirty log there), ``reentry_us``
   (released -> the vCPU thread back in KVM_RUN). They add up to ``pause_us`` roughly;
 * cow only, what the guest pays after the pause: ``copy_us`` (the copy after resume),
@@ -81,9 +82,10 @@ async def measure(pages: int, epochs: int, method: str) -> dict[str, float | int
             else:
                 impl.gather(vm.ram, pfns, staging)
             t_capture = time.perf_counter_ns()
-            vm.save_state()
+            encode_state = vm.state_snapshot()  # encoded after the resume, as the engine does
             t1 = time.perf_counter_ns()
             await vm.resume()
+            encode_state()
             if protected:
                 copies.append(await trio.to_thread.run_sync(cow.copy, pfns, staging))
             while vm.resumed_at_ns < vm.stopped_at_ns:

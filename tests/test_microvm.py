@@ -50,6 +50,33 @@ async def test_suspend_stops_the_counter_and_resume_continues_it() -> None:
     assert counters == list(range(1, len(counters) + 1))
 
 
+async def test_a_state_snapshot_is_the_state_at_the_pause_however_late_encoded() -> None:
+    """``state_snapshot`` in a pause, encoded after the guest ran on and parked again
+    (its registers read anew into the same buffer), gives the bytes it would have
+    given at once: the snapshot holds values, not views of the live machine."""
+    import msgpack
+
+    log = ConsoleLog()
+    vm = boot(log, workload="counter", memory="4M", interval_ms="10")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.run)
+        await log.wait_until(lambda c: len(c.counters()) >= 2)
+        await vm.suspend()
+        snapshot = vm.state_snapshot()
+        at_pause = snapshot()
+        await vm.resume()
+        seen = log.counters()[-1]
+        await log.wait_until(lambda c: c.counters()[-1] >= seen + 2)
+        await vm.suspend()
+        later = vm.save_state()
+        assert snapshot() == at_pause
+        before, after = msgpack.unpackb(at_pause), msgpack.unpackb(later)
+        assert before["vcpu"] != after["vcpu"]  # the guest did run on in between
+        assert before["devices"]["console"] != after["devices"]["console"]
+        await vm.resume()
+        vm.stop()
+
+
 async def test_dirty_set_is_inside_the_working_set_and_clears() -> None:
     ws_pages = 64
     vm = boot(None, workload="dirty", memory="4M", ws=f"{ws_pages * 4}K", rate="5000",

@@ -377,17 +377,25 @@ class MicroVM:
         return self._cow
 
     def save_state(self) -> bytes:
+        return self.state_snapshot()()
+
+    def state_snapshot(self) -> Callable[[], bytes]:
+        """The vCPU and device state as they are now (suspended), encoded as
+        ``save_state`` would when the returned function is called: the pause only
+        takes the snapshot (every device's ``save`` returns values, not views of
+        itself), the encoding can wait until the guest runs again."""
         if not self._parked and self._running:
             raise DomainError("save_state() needs a suspended domain")
-        vcpu: Mapping[str, bytes | memoryview] = (
-            self._parked_registers() if self._parked else self._vcpu.save())
-        return self._packer.pack({
+        vcpu = self._parked_registers() if self._parked else self._vcpu.save()
+        document = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
-            "vcpu": vcpu,
+            "vcpu": {name: bytes(part) for name, part in vcpu.items()},
             "halted": self._halted,
             "devices": {d.name: d.save() for d in self._devices},
-        })
+        }
+        pack = self._packer.pack
+        return lambda: pack(document)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the guest until ``stop()``; DomainError if the guest stops by itself."""
