@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 import textwrap
@@ -75,6 +76,30 @@ async def test_a_state_snapshot_is_the_state_at_the_pause_however_late_encoded()
         assert before["devices"]["console"] != after["devices"]["console"]
         await vm.resume()
         vm.stop()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+async def test_the_vcpu_thread_is_kept_off_the_pausing_threads_cpu_until_resume() -> None:
+    """While suspended the vCPU thread may not run on the CPU ``suspend`` ran on (it
+    is not left there to compete with the pause); ``resume`` gives it back its own
+    affinity, and so does its end."""
+    vm = boot(None, workload="counter", memory="4M", interval_ms="10")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.run)
+        tid = vm._thread_tid
+        assert tid is not None
+        own = os.sched_getaffinity(tid)
+        for _ in range(5):
+            await vm.suspend()
+            here = struct.unpack_from("=i", vm._park_flags, 4)[0]
+            assert here in own
+            assert os.sched_getaffinity(tid) == own - {here}
+            await vm.resume()
+            assert os.sched_getaffinity(tid) == own
+            await trio.sleep(0.02)
+        await vm.suspend()
+        vm.stop()
+    assert os.sched_getaffinity(tid) == own
 
 
 async def test_dirty_set_is_inside_the_working_set_and_clears() -> None:
