@@ -32,12 +32,19 @@ async def test_counter_boots_and_counts() -> None:
     assert counters[:5] == [1, 2, 3, 4, 5]
 
 
-async def test_suspend_stops_the_counter_and_resume_continues_it() -> None:
+async def _counting(nursery: trio.Nursery, lines: int, interval_ms: str
+                    ) -> tuple[MicroVM, ConsoleLog]:
+    """A counter micro-VM started in ``nursery``, once it printed ``lines`` lines."""
     log = ConsoleLog()
-    vm = boot(log, workload="counter", memory="4M", interval_ms="10")
+    vm = boot(log, workload="counter", memory="4M", interval_ms=interval_ms)
+    await nursery.start(vm.run)
+    await log.wait_until(lambda c: len(c.counters()) >= lines)
+    return vm, log
+
+
+async def test_suspend_stops_the_counter_and_resume_continues_it() -> None:
     async with trio.open_nursery() as nursery:
-        await nursery.start(vm.run)
-        await log.wait_until(lambda c: len(c.counters()) >= 3)
+        vm, log = await _counting(nursery, 3, "10")
         await vm.suspend()
         assert vm.suspended
         seen = len(log.lines)
@@ -57,11 +64,8 @@ async def test_a_state_snapshot_is_the_state_at_the_pause_however_late_encoded()
     given at once: the snapshot holds values, not views of the live machine."""
     import msgpack
 
-    log = ConsoleLog()
-    vm = boot(log, workload="counter", memory="4M", interval_ms="10")
     async with trio.open_nursery() as nursery:
-        await nursery.start(vm.run)
-        await log.wait_until(lambda c: len(c.counters()) >= 2)
+        vm, log = await _counting(nursery, 2, "10")
         await vm.suspend()
         snapshot = vm.state_snapshot()
         at_pause = snapshot()
@@ -173,11 +177,8 @@ RESTORE_CHILD = textwrap.dedent(
 
 
 async def test_save_and_restore_in_another_process(tmp_path: Path) -> None:
-    log = ConsoleLog()
-    vm = boot(log, workload="counter", memory="4M", interval_ms="20")
     async with trio.open_nursery() as nursery:
-        await nursery.start(vm.run)
-        await log.wait_until(lambda c: len(c.counters()) >= 4)
+        vm, log = await _counting(nursery, 4, "20")
         await vm.suspend()
         state = vm.save_state()
         saved_clock = vm.clock.now()

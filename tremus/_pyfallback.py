@@ -136,18 +136,20 @@ def dirty_bitmap_to_pfns(bitmap: Buffer, extra: Buffer | None = None) -> bytes:
 
 
 def dirty_bitmap_to_pfns_into(bitmap: Buffer, extra: Buffer | None, out: Buffer) -> int:
-    """``dirty_bitmap_to_pfns`` into ``out``; returns how many pfns it wrote."""
+    """``dirty_bitmap_to_pfns`` into ``out``; returns how many pfns it wrote.
+    ``extra`` is zeroed only once they fit."""
     dst = _view(out, writable=True)
-    if extra is not None and len(_view(extra)) != len(_view(bitmap)):
-        raise ValueError(f"extra has {len(_view(extra))} bytes, bitmap has {len(_view(bitmap))}")
     bm = _view(bitmap)
-    data = bm.tobytes() if extra is None else (
+    if extra is not None and len(_view(extra)) != len(bm):
+        raise ValueError(f"extra has {len(_view(extra))} bytes, bitmap has {len(bm)}")
+    merged = bm if extra is None else (
         int.from_bytes(bm, "little") | int.from_bytes(_view(extra), "little")
     ).to_bytes(len(bm), "little")
-    count = sum(bin(byte).count("1") for byte in data if byte)
-    if count * 8 > len(dst):
-        raise ValueError(f"out holds {len(dst) // 8} pfns, {count} pages are dirty")
-    pfns = dirty_bitmap_to_pfns(bitmap, extra)
+    pfns = dirty_bitmap_to_pfns(merged)
+    if len(pfns) > len(dst):
+        raise ValueError(f"out holds {len(dst) // 8} pfns, {len(pfns) // 8} pages are dirty")
+    if extra is not None:
+        _view(extra, writable=True)[:] = bytes(len(bm))
     dst[: len(pfns)] = pfns
     return len(pfns) // 8
 

@@ -148,8 +148,9 @@ class MicroVM:
         bitmap_bytes = (self._geometry.pages + 63) // 64 * 8
         self._kvm_bitmap = bytearray(bitmap_bytes)
         self._pfns = memoryview(prefaulted_buffer(self._geometry.pages * 8))
-        #: The dirty pages last read, still to be cleared in KVM (manual protection).
-        self._dirty_to_rearm: bytes | None = None
+        #: The dirty pages last read (still in _kvm_bitmap, which only the next read
+        #: rewrites, after it re-arms them) are still to be cleared in KVM.
+        self._dirty_to_rearm = False
         self._vmm_bitmap = bytearray(bitmap_bytes)
 
         self.clock = Clock()
@@ -358,16 +359,16 @@ class MicroVM:
         self._rearm_dirty_log()  # a read that no resume followed
         self._native.get_dirty_log(self._vm_fd, 0, self._kvm_bitmap)
         count = impl.dirty_bitmap_to_pfns_into(self._kvm_bitmap, self._vmm_bitmap, self._pfns)
-        if self._manual_dirty_log:
-            self._dirty_to_rearm = bytes(self._kvm_bitmap)
+        self._dirty_to_rearm = self._manual_dirty_log
         return self._pfns[: 8 * count].cast("Q")
 
     def _rearm_dirty_log(self) -> None:
         """Clear the pages last read from the dirty log, so that their next write is
         seen (called by ``resume`` or, off the pause, by copy-on-write capture)."""
-        bitmap, self._dirty_to_rearm = self._dirty_to_rearm, None
-        if bitmap is not None:
-            self._native.clear_dirty_log(self._vm_fd, 0, bitmap, self._geometry.pages)
+        if self._dirty_to_rearm:
+            self._dirty_to_rearm = False
+            self._native.clear_dirty_log(self._vm_fd, 0, self._kvm_bitmap,
+                                         self._geometry.pages)
 
     def copy_on_write(self) -> CopyOnWrite:
         """Copy-on-write capture over this machine's RAM (``tremus._cow``), opened on
@@ -394,7 +395,7 @@ class MicroVM:
         document = {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
-            "vcpu": {name: bytes(part) for name, part in vcpu.items()},
+            "vcpu": vcpu,
             "halted": self._halted,
             "devices": {d.name: d.save() for d in self._devices},
         }
@@ -479,8 +480,7 @@ class MicroVM:
         self.suspends += 1
 
     async def resume(self) -> None:
-        if self._dirty_to_rearm is not None and not (self._cow is not None
-                                                     and self._cow.rearm_due):
+        if self._dirty_to_rearm and not (self._cow is not None and self._cow.rearm_due):
             self._rearm_dirty_log()
         with self._cond:
             self._want_pause = False
@@ -649,7 +649,7 @@ class MicroVM:
                 pass
         self._kept_off = False
 
-    def _parked_registers(self) -> dict[str, memoryview]:
+    def _parked_registers(self) -> dict[str, bytes]:
         """The registers the parked vCPU thread reads right after it parks."""
         if not self._native.spin_until_set(memoryview(self._park_flags)[2:3], _STATE_WAIT_NS):
             raise DomainError(f"the parked vCPU did not save its registers within "
@@ -658,7 +658,7 @@ class MicroVM:
             raise DomainError(f"reading the parked vCPU's registers: "
                               f"{os.strerror(self._park_flags[3])}")
         state = self._parked_state_view
-        return {name: state[start:end] for name, start, end in _VCPU_STATE_SLICES}
+        return {name: bytes(state[start:end]) for name, start, end in _VCPU_STATE_SLICES}
 
     def _park_if_requested(self) -> int | None:
         """Park while a pause is requested. None: stop. Otherwise the result of the
