@@ -205,8 +205,12 @@ async def test_verify_replica_equals_primary_at_every_checkpoint(
         if capture == "copy":
             assert faults == 0 and all(e.copy_us == 0 for e in acked)
         else:
-            assert sum(e.copy_us > 0 for e in acked) >= 90, [
-                (e.dirty_pages, e.copy_us) for e in acked]
+            # Copy-on-write exactly when enough pages are dirty; how many epochs that
+            # is depends on the guest's speed, so only the rule and a floor are checked.
+            min_pages = pair.domain.copy_on_write().min_pages  # type: ignore[attr-defined]
+            rows = [(e.dirty_pages, e.copy_us) for e in acked]
+            assert all((copy_us > 0) == (dirty >= min_pages) for dirty, copy_us in rows), rows
+            assert sum(copy_us > 0 for _, copy_us in rows) >= 20, rows
             if spec == SMALL_EPOCHS:
                 assert faults > 0  # the guest did write pages that were being copied
         pair.primary.stop()
