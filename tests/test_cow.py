@@ -8,6 +8,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import random
 import threading
 import time
 from array import array
@@ -141,6 +142,47 @@ def test_huge_page_units_are_protected_whole_and_stay_huge() -> None:
         ram[0:8] = b"released"
         after = _huge_bytes(ctypes.addressof(ctypes.c_char.from_buffer(ram)), len(ram))
         assert after >= memory.huge_bytes
+    finally:
+        cow.close()
+        ram.close()
+
+
+def _write_protected(ram: mmap.mmap) -> list[int]:
+    """The pages of ``ram`` the kernel holds write-protected for userfaultfd now
+    (bit 57 of /proc/self/pagemap)."""
+    first = ctypes.addressof(ctypes.c_char.from_buffer(ram)) // PAGE
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = array("Q", pagemap.read(len(ram) // PAGE * 8))
+    return [pfn for pfn, entry in enumerate(entries) if entry >> 57 & 1]
+
+
+@pytest.mark.parametrize("unit_pages", [1, 8, 64])
+def test_exactly_the_units_holding_a_dirty_page_are_protected(unit_pages: int) -> None:
+    """Runs of whole units, found without reading every pfn: dense units, sparse
+    ones, gaps of one unit and more, the first and last pages, units cut by the
+    mapping's alignment; every one released by the copy."""
+    pages = 1024
+    ram = mmap.mmap(-1, pages * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    ram[:] = os.urandom(len(ram))
+    cow = _cow_or_skip(ram)
+    cow.unit_pages = unit_pages
+    shift = ctypes.addressof(ctypes.c_char.from_buffer(ram)) // PAGE % unit_pages
+    rng = random.Random(unit_pages)
+    try:
+        for density in (0.002, 0.02, 0.3, 0.9, 1.0):
+            dirty = sorted({0, pages - 1} | {p for p in range(pages) if rng.random() < density})
+            units = {(pfn + shift) // unit_pages for pfn in dirty}
+            expected = [pfn for pfn in range(pages) if (pfn + shift) // unit_pages in units]
+            pfns = array("Q", dirty).tobytes()
+            cow.protect(pfns)
+            at_protect = bytes(ram)
+            assert _write_protected(ram) == expected, density
+            staging = bytearray(len(dirty) * PAGE)
+            cow.copy(pfns, staging)
+            assert _write_protected(ram) == []
+            for k, pfn in enumerate(dirty):
+                assert staging[k * PAGE : (k + 1) * PAGE] == at_protect[pfn * PAGE : (pfn + 1) * PAGE]
     finally:
         cow.close()
         ram.close()

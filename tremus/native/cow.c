@@ -89,16 +89,27 @@ PyObject *tn_wp_open(PyObject *self, PyObject *args, PyObject *kw) {
     return PyErr_SetFromErrnoWithFilename(PyExc_OSError, step);
 }
 
-/* Validates pfns against the RAM; returns the page count or -1 with an exception. */
+/* Validates pfns against the RAM; returns the page count or -1 with an exception.
+ * Ascending is checked without a branch per page (a pause may hold tens of
+ * thousands); the slow walk only runs to name the offender. */
 static Py_ssize_t check_pfns(const Py_buffer *pfns, Py_ssize_t ram_len) {
     if (pfns->len % 8) {
         PyErr_Format(PyExc_ValueError, "pfns has %zd bytes, not a multiple of 8", pfns->len);
         return -1;
     }
     Py_ssize_t n = pfns->len / 8;
-    uint64_t pages = (uint64_t)ram_len / TREMUS_PAGE_SIZE, last = 0;
+    uint64_t pages = (uint64_t)ram_len / TREMUS_PAGE_SIZE;
+    if (n == 0)
+        return 0;
+    const unsigned char *p = pfns->buf;
+    unsigned descending = 0;
+    for (Py_ssize_t i = 1; i < n; i++)
+        descending |= tn_load_le64(p + 8 * i) <= tn_load_le64(p + 8 * (i - 1));
+    if (!descending && tn_load_le64(p + 8 * (n - 1)) < pages)
+        return n;
+    uint64_t last = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t pfn = tn_load_le64((const unsigned char *)pfns->buf + 8 * i);
+        uint64_t pfn = tn_load_le64(p + 8 * i);
         if (pfn >= pages || (i && pfn <= last)) {
             PyErr_Format(PyExc_ValueError,
                          "pfns must be ascending and below %llu (pfn %llu at %zd)",
@@ -138,20 +149,36 @@ static inline void unit_span(const struct units *u, uint64_t a, uint64_t b, uint
 
 /* From index j, the end of the run of dirty pages in unit *b or the units right
  * after it (*b advances to the last unit taken), stopping at a new unit once
- * max_pages pages were taken since index from (max_pages < 0: no limit). No
- * division per page: a large epoch has tens of thousands of them. */
+ * max_pages pages were taken since index from (max_pages < 0: no limit). The pfns
+ * are ascending and distinct (check_pfns), so the end of a unit is found by a
+ * binary search in at most unit_pages of them, not by reading each: a large
+ * epoch has tens of thousands. */
 static Py_ssize_t next_unit(const unsigned char *p, Py_ssize_t j, Py_ssize_t n,
                             const struct units *u, uint64_t *b, Py_ssize_t max_pages) {
     Py_ssize_t from = j - 1;
     uint64_t boundary = (*b + 1) * u->size - u->shift; /* first pfn of unit *b + 1 */
     while (j < n) {
-        uint64_t pfn = tn_load_le64(p + 8 * j);
-        if (pfn >= boundary) {
-            if (pfn >= boundary + u->size || (max_pages >= 0 && j - from >= max_pages))
-                break;
-            ++*b;
-            boundary += u->size;
+        /* pfns[j - 1] < boundary, and pfns[j - 1 + d] >= pfns[j - 1] + d: the first
+         * index at or past the boundary is at most j - 1 + (boundary - pfns[j - 1]). */
+        uint64_t gap = boundary - tn_load_le64(p + 8 * (j - 1));
+        Py_ssize_t lo = j, hi = gap < (uint64_t)(n - j + 1) ? j - 1 + (Py_ssize_t)gap : n;
+        if (hi > lo && tn_load_le64(p + 8 * (hi - 1)) < boundary)
+            lo = hi; /* the unit's pages are all dirty (or all the rest are in it) */
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (tn_load_le64(p + 8 * mid) < boundary)
+                lo = mid + 1;
+            else
+                hi = mid;
         }
+        j = lo;
+        if (j == n)
+            break;
+        uint64_t pfn = tn_load_le64(p + 8 * j);
+        if (pfn >= boundary + u->size || (max_pages >= 0 && j - from >= max_pages))
+            break;
+        ++*b;
+        boundary += u->size;
         j++;
     }
     return j;
