@@ -188,6 +188,52 @@ def test_exactly_the_units_holding_a_dirty_page_are_protected(unit_pages: int) -
         ram.close()
 
 
+def test_the_copy_computes_frame_checksums_in_order_whoever_copied_a_page() -> None:
+    """Each frame's checksum covers its pages as they were at the protect, in staging
+    order, also for pages a faulting writer had copied ahead of the sweep; and a
+    copy whose arguments are refused still releases every page."""
+    ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    ram[:] = os.urandom(PAGES * PAGE)
+    cow = _cow_or_skip(ram)
+    cow.run_pages = 4  # writers are served often: their pages are copied out of order
+    try:
+        dirty = list(range(1, PAGES, 2))
+        pfns = array("Q", dirty).tobytes()
+        batch = 16
+        cow.protect(pfns)
+        at_protect = bytes(ram)
+        late = dirty[-3:]  # near the end of the sweep: a fault copies them first
+
+        def write(pfn: int) -> None:
+            impl.memcpy(memoryview(ram)[pfn * PAGE : pfn * PAGE + 8], b"written!")
+
+        writers = [threading.Thread(target=write, args=(pfn,)) for pfn in late]
+        for writer in writers:
+            writer.start()
+        time.sleep(0.05)
+        staging = bytearray(len(dirty) * PAGE)
+        sums = bytearray(8 * -(-len(dirty) // batch))
+        stats = cow.copy(pfns, staging, sums, batch)
+        for writer in writers:
+            writer.join(5)
+            assert not writer.is_alive()
+        assert stats.faults >= 1
+        staged_at_protect = b"".join(at_protect[p * PAGE : (p + 1) * PAGE] for p in dirty)
+        assert bytes(staging) == staged_at_protect
+        want = [impl.hash64(staged_at_protect[first * PAGE : (first + batch) * PAGE],
+                            impl.hash64(pfns[8 * first : 8 * (first + batch)]))
+                for first in range(0, len(dirty), batch)]
+        assert list(array("Q", sums)) == want
+
+        cow.protect(pfns)
+        with pytest.raises(ValueError, match="checksums has 8 bytes"):
+            cow.copy(pfns, staging, bytearray(8), batch)
+        assert _write_protected(ram) == []
+    finally:
+        cow.close()
+        ram.close()
+
+
 def test_bad_pfns_are_refused_before_anything_is_protected() -> None:
     ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     cow = _cow_or_skip(ram)

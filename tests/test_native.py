@@ -175,6 +175,44 @@ def test_gather_scatter_round_trip(impl: ModuleType, ps: int) -> None:
     assert impl.gather(src, b"", bytearray(0), ps) == 0
 
 
+def frame_checksums(pfns: bytes, staged: bytes, batch_pages: int, ps: int = 4096) -> list[int]:
+    """What a PAGES frame of each batch carries: hash64(pages, seed=hash64(pfns))."""
+    count = len(pfns) // 8
+    return [fallback.hash64(staged[first * ps : min(first + batch_pages, count) * ps],
+                            fallback.hash64(pfns[8 * first : 8 * min(first + batch_pages, count)]))
+            for first in range(0, count, batch_pages)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(("count", "batch_pages"), [(1, 1024), (7, 3), (9, 3), (300, 64),
+                                                    (2048, 1024), (0, 4)])
+def test_gather_computes_frame_checksums_as_it_copies(impl: ModuleType, count: int,
+                                                      batch_pages: int) -> None:
+    rng = random.Random(count)
+    npages = 2 * count + 3
+    src = os.urandom(npages * 4096)
+    pfns = pfn_bytes(sorted(rng.sample(range(npages), count)))
+    staged = bytearray(count * 4096)
+    sums = bytearray(8 * -(-count // batch_pages) + 8)
+    sums[-8:] = b"untouch!"
+    impl.gather(src, pfns, staged, 4096, sums, batch_pages)
+    want = frame_checksums(pfns, bytes(staged), batch_pages)
+    assert pfn_list(bytes(sums[: 8 * len(want)])) == want
+    assert sums[-8:] == b"untouch!"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gather_refuses_a_checksum_buffer_it_cannot_fill(impl: ModuleType) -> None:
+    src, staged = os.urandom(8 * 4096), bytearray(5 * 4096)
+    pfns = pfn_bytes([0, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match="checksums has 8 bytes, 2 frames need 16"):
+        impl.gather(src, pfns, staged, 4096, bytearray(8), 4)
+    with pytest.raises(ValueError, match="batch_pages"):
+        impl.gather(src, pfns, staged, 4096, bytearray(16), 0)
+    with pytest.raises((TypeError, BufferError)):
+        impl.gather(src, pfns, staged, 4096, bytes(16), 4)  # not writable
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gather_scatter_accept_any_contiguous_buffer(impl: ModuleType) -> None:
     src = array("Q", range(1024))  # 2 pages of u64

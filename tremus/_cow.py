@@ -86,9 +86,12 @@ class CopyOnWrite:
         native.wp_protect(self._fd, self._ram, pfns, self.unit_pages)
         self._rearm_due = self._rearm is not None
 
-    def copy(self, pfns: Any, staging: Any) -> CopyStats:
+    def copy(self, pfns: Any, staging: Any, checksums: Any = None,
+             batch_pages: int = 0) -> CopyStats:
         """After resume (blocking: run it in a worker thread): copy the protected pages
-        to ``staging`` as they were at ``protect``, and release them all."""
+        to ``staging`` as they were at ``protect``, and release them all. With
+        ``checksums``, the checksum of each frame of ``batch_pages`` staged pages is
+        computed as they are copied (see ``gather``)."""
         assert native is not None
         try:
             if self._rearm_due:
@@ -97,7 +100,8 @@ class CopyOnWrite:
                 self._rearm()
         finally:
             faults, serve_ns, serve_max_ns, copy_ns = native.wp_copy(
-                self._fd, self._ram, pfns, staging, self.run_pages, self.unit_pages)
+                self._fd, self._ram, pfns, staging, self.run_pages, self.unit_pages,
+                checksums, batch_pages)
         return CopyStats(faults, serve_ns / 1e3, serve_max_ns / 1e3, copy_ns / 1e3)
 
     def close(self) -> None:

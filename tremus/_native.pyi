@@ -20,10 +20,14 @@ def dirty_bitmap_to_pfns_into(bitmap: Buffer, extra: bytearray | None, out: Buff
     """``dirty_bitmap_to_pfns`` into ``out`` (writable, 8 bytes a pfn); returns how
     many pfns it wrote. ValueError if they do not fit."""
 
-def gather(src: Buffer, pfns: Buffer, dst: Buffer, page_size: int = 4096) -> int:
+def gather(src: Buffer, pfns: Buffer, dst: Buffer, page_size: int = 4096,
+           checksums: Buffer | None = None, batch_pages: int = 0) -> int:
     """Copy page ``pfns[i]`` of ``src`` to ``dst[i*page_size:]``; returns bytes copied.
     ``pfns`` is little-endian u64. ValueError if a pfn is out of ``src`` or ``dst`` is
-    too small. ``dst`` must be writable."""
+    too small. ``dst`` must be writable. With ``checksums`` (writable, 8 bytes a
+    frame), the checksum of each frame of ``batch_pages`` copied pages, as a PAGES
+    frame of them carries it: hash64(pages, seed=hash64(pfns)), each page hashed
+    right after its copy, in the cache."""
 
 def scatter(dst: Buffer, pfns: Buffer, src: Buffer, page_size: int = 4096) -> int:
     """Inverse of gather: ``src[i*page_size:]`` to page ``pfns[i]`` of ``dst``."""
@@ -121,8 +125,10 @@ def wp_protect(fd: int, ram: Buffer, pfns: Buffer, unit_pages: int = 1) -> int:
     ioctls made (one per run of consecutive units)."""
 
 def wp_copy(fd: int, ram: Buffer, pfns: Buffer, staging: Buffer, run_pages: int = 64,
-            unit_pages: int = 1) -> tuple[int, int, int, int]:
+            unit_pages: int = 1, checksums: Buffer | None = None,
+            batch_pages: int = 0) -> tuple[int, int, int, int]:
     """Copy the protected pages to ``staging`` (page ``k`` = page ``pfns[k]``, as it
     was when protected) while serving write faults (copy the unit's pages first,
-    then release the unit), and release every unit. Returns (faults, serve_ns,
-    serve_max_ns, copy_ns)."""
+    then release the unit), and release every unit, also when the arguments are
+    refused. With ``checksums``, the frame checksums of the staged pages as
+    ``gather`` computes them. Returns (faults, serve_ns, serve_max_ns, copy_ns)."""

@@ -157,18 +157,36 @@ def dirty_bitmap_to_pfns_into(bitmap: Buffer, extra: Buffer | None, out: Buffer)
 # -- gather / scatter / memcpy ---------------------------------------------------------
 
 
-def gather(src: Buffer, pfns: Buffer, dst: Buffer, page_size: int = PAGE_SIZE) -> int:
-    """Copy page ``pfns[i]`` of ``src`` to ``dst[i*page_size:]``; returns bytes copied."""
+def gather(src: Buffer, pfns: Buffer, dst: Buffer, page_size: int = PAGE_SIZE,
+           checksums: Buffer | None = None, batch_pages: int = 0) -> int:
+    """Copy page ``pfns[i]`` of ``src`` to ``dst[i*page_size:]``; returns bytes copied.
+    With ``checksums``, also the checksum of each frame of ``batch_pages`` copied
+    pages (little-endian u64 each): hash64(pages, seed=hash64(their pfns))."""
     s, p, d = _view(src), _view(pfns), _view(dst, writable=True)
     ps = _check_page_size(page_size)
     pf = _pfn_list(p)
     n = len(pf)
+    sums = None
+    if checksums is not None:
+        if batch_pages < 1:
+            raise ValueError("batch_pages must be at least 1 with checksums")
+        sums = _view(checksums, writable=True)
+        frames = -(-n // batch_pages)
+        if len(sums) < 8 * frames:
+            raise ValueError(f"checksums has {len(sums)} bytes, {frames} frames need "
+                             f"{8 * frames}")
     if n > len(d) // ps:
         raise ValueError(f"dst has {len(d)} bytes, {n} pages of {ps} need {n * ps}")
     _check_bounds(pf, len(s) // ps, "src")
     for i, pfn in enumerate(pf):
         o = pfn * ps
         d[i * ps : i * ps + ps] = s[o : o + ps]
+    if sums is not None:
+        for frame, first in enumerate(range(0, n, batch_pages)):
+            last = min(first + batch_pages, n)
+            seed = hash64(p[8 * first : 8 * last])
+            sums[8 * frame : 8 * frame + 8] = hash64(d[first * ps : last * ps], seed).to_bytes(
+                8, "little")
     return n * ps
 
 

@@ -61,7 +61,7 @@ from tremus.engine.events import (
 )
 from tremus.engine.ownership import Ownership, OwnershipError
 from tremus.engine.ownership import OwnershipLost as NotOwner
-from tremus.transports.codec import DeltaCodec, RawCodec, split_batches
+from tremus.transports.codec import MAX_BATCH_PAGES, DeltaCodec, RawCodec, split_batches
 
 __all__ = ["BackupLostError", "PrimarySession"]
 
@@ -104,6 +104,9 @@ class _Capture:
     pause_us: float
     kick_us: float
     copied: CopyStats | None
+    #: Raw codec: each PAGES frame's checksum (little-endian u64, one per
+    #: MAX_BATCH_PAGES pages), computed as the pages were copied.
+    frame_sums: bytearray | None
 
 
 @dataclass(slots=True)
@@ -498,11 +501,16 @@ class PrimarySession:
                 dirty = domain.read_and_clear_dirty()
                 pfns = memoryview(self._all_pfns) if full else dirty.cast("B")
                 assert self._staging is not None
+                # Raw frames carry checksums of the pages as copied: each page is
+                # hashed right after its copy, in the cache, not read again to send.
+                sums = (bytearray(8 * -(-len(pfns) // (8 * MAX_BATCH_PAGES)))
+                        if isinstance(self._codec, RawCodec) else None)
                 if cow is not None and len(pfns) // 8 >= cow.min_pages:
                     cow.protect(pfns)
                     protected = True
                 else:
-                    impl.gather(domain.ram, pfns, self._staging, self._page_size)
+                    impl.gather(domain.ram, pfns, self._staging, self._page_size,
+                                sums, MAX_BATCH_PAGES)
                 # A domain that can snapshot its state leaves the encoding (msgpack,
                 # ~25 us here) to after the resume.
                 snapshot = getattr(domain, "state_snapshot", None)
@@ -518,7 +526,8 @@ class PrimarySession:
                 resumed = time.perf_counter()
                 if protected:
                     assert cow is not None
-                    copied = await trio.to_thread.run_sync(cow.copy, pfns, self._staging)
+                    copied = await trio.to_thread.run_sync(
+                        cow.copy, pfns, self._staging, sums, MAX_BATCH_PAGES)
         if encode_state is not None:
             state = encode_state()
         # From "vCPU stopped" to "vCPU released", by the domain's own timestamps if
@@ -530,10 +539,10 @@ class PrimarySession:
         else:
             pause_us = (resumed - stopped) * 1e6
         kick_us = getattr(domain, "kick_latency_ns", 0) / 1000
-        return _Capture(pfns, state, pause_us, kick_us, copied)
+        return _Capture(pfns, state, pause_us, kick_us, copied, sums)
 
     async def _send_checkpoint(self, epoch: int, full: bool, capture: _Capture) -> None:
-        pfns, state = capture.pfns, capture.state
+        pfns, state, sums = capture.pfns, capture.state, capture.frame_sums
         count = len(pfns) // 8
         assert self._staging is not None
         pages = memoryview(self._staging)[: count * self._page_size]
@@ -555,7 +564,9 @@ class PrimarySession:
             for index, (batch_pfns, batch_pages) in enumerate(batches, 1):
                 data = codec.encode(batch_pages, batch_pfns)
                 coded += len(data)
-                parts = conn.send_parts(p.Pages(epoch, batch_pfns, data, codec.name))
+                checksum = (None if sums is None
+                            else int.from_bytes(sums[8 * index - 8 : 8 * index], "little"))
+                parts = conn.send_parts(p.Pages(epoch, batch_pfns, data, codec.name, checksum))
                 if index < len(batches):
                     record.bytes_sent += sum(len(part) for part in parts)
                     yield from parts

@@ -310,28 +310,39 @@ static void serve_faults(struct sweep *s) {
     }
 }
 
-/* wp_copy(fd, ram, pfns, staging, run_pages=64, unit_pages=1)
- *     -> (faults, serve_ns, serve_max_ns, copy_ns)
+/* wp_copy(fd, ram, pfns, staging, run_pages=64, unit_pages=1, checksums=None,
+ *         batch_pages=0) -> (faults, serve_ns, serve_max_ns, copy_ns)
  *
- * Page k of staging becomes page pfns[k] of ram as it was when wp_protect ran. */
+ * Page k of staging becomes page pfns[k] of ram as it was when wp_protect ran.
+ * With checksums, the frame checksums of the staged pages (tn_frame_sums): the
+ * sweep hashes each page as it passes it, in order, right after copying it (or,
+ * if a fault copied it earlier, from staging). */
 PyObject *tn_wp_copy(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"fd", "ram", "pfns", "staging", "run_pages", "unit_pages", NULL};
-    int fd;
-    Py_ssize_t run_pages = 64, unit_pages = 1;
-    Py_buffer ram = {0}, pfns = {0}, staging = {0};
-    PyObject *result = NULL;
+    static char *kwlist[] = {"fd", "ram", "pfns", "staging", "run_pages", "unit_pages",
+                             "checksums", "batch_pages", NULL};
+    int fd, hashing = 0;
+    Py_ssize_t run_pages = 64, unit_pages = 1, batch_pages = 0;
+    Py_buffer ram = {0}, pfns = {0}, staging = {0}, sums_view = {0};
+    PyObject *result = NULL, *checksums = NULL;
+    struct tn_frame_sums sums = {0};
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&O&O&|nn:wp_copy", kwlist, &fd, tn_conv_rw,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&O&O&|nnOn:wp_copy", kwlist, &fd, tn_conv_rw,
                                      &ram, tn_conv_ro, &pfns, tn_conv_rw, &staging,
-                                     &run_pages, &unit_pages))
+                                     &run_pages, &unit_pages, &checksums, &batch_pages))
         return NULL;
+    /* Refused arguments still lift all protection: no writer may stay blocked. */
     Py_ssize_t n = check_pfns(&pfns, ram.len);
     if (n < 0)
-        goto done;
+        goto refuse;
+    hashing = tn_frame_sums_arg(checksums, &sums_view, pfns.buf, n, batch_pages, &sums);
+    if (hashing < 0) {
+        hashing = 0;
+        goto refuse;
+    }
     if (staging.len / TREMUS_PAGE_SIZE < n) {
         PyErr_Format(PyExc_ValueError, "staging holds %zd pages, %zd are dirty",
                      staging.len / TREMUS_PAGE_SIZE, n);
-        goto done;
+        goto refuse;
     }
     if (run_pages < 1)
         run_pages = 1;
@@ -358,6 +369,9 @@ PyObject *tn_wp_copy(PyObject *self, PyObject *args, PyObject *kw) {
         for (Py_ssize_t k = i; k < j; k++) {
             if (!s.copied[k])
                 copy_page(&s, k);
+            if (hashing)
+                tn_frame_sums_page(&sums, k, s.staging + (size_t)k * TREMUS_PAGE_SIZE,
+                                   TREMUS_PAGE_SIZE);
             /* A unit may hold more than run_pages dirty pages: writers elsewhere are
              * served between every run_pages pages all the same. */
             if ((k - i) % run_pages == run_pages - 1)
@@ -381,7 +395,14 @@ PyObject *tn_wp_copy(PyObject *self, PyObject *args, PyObject *kw) {
     result = Py_BuildValue("(KKKK)", (unsigned long long)s.faults,
                            (unsigned long long)s.serve_ns, (unsigned long long)s.serve_max_ns,
                            (unsigned long long)copy_ns);
+    goto done;
+refuse:
+    wp_range(fd, (uint64_t)(uintptr_t)ram.buf, (uint64_t)ram.len, 0);
 done:
+    if (hashing) {
+        tn_frame_sums_free(&sums);
+        PyBuffer_Release(&sums_view);
+    }
     PyBuffer_Release(&ram);
     PyBuffer_Release(&pfns);
     PyBuffer_Release(&staging);

@@ -57,6 +57,71 @@ PyObject *tn_py_hash64(PyObject *self, PyObject *args, PyObject *kw) {
     return PyLong_FromUnsignedLongLong(h);
 }
 
+/* Frame checksums computed while pages are copied (gather, copy-on-write copy): a
+ * PAGES frame's checksum is hash64(pages, seed=hash64(pfns)) over batch_pages
+ * consecutive staged pages, so page k belongs to frame k / batch_pages. Each page
+ * is hashed right after it was copied, in the cache, instead of read again from
+ * memory before the frame is sent. Pages must be fed in order, each once. */
+int tn_frame_sums_init(struct tn_frame_sums *f, const unsigned char *pfns, Py_ssize_t count,
+                       Py_ssize_t batch_pages, unsigned char *out) {
+    f->pfns = pfns;
+    f->count = count;
+    f->batch_pages = batch_pages;
+    f->out = out;
+    f->state = XXH3_createState();
+    return f->state == NULL ? -1 : 0;
+}
+
+void tn_frame_sums_page(struct tn_frame_sums *f, Py_ssize_t k, const unsigned char *page,
+                        size_t page_size) {
+    XXH3_state_t *state = f->state;
+    Py_ssize_t in_frame = k % f->batch_pages, frame = k / f->batch_pages;
+    if (in_frame == 0) {
+        Py_ssize_t first = k, last = k + f->batch_pages < f->count ? k + f->batch_pages : f->count;
+        uint64_t seed = tn_hash64(f->pfns + 8 * first, (size_t)(8 * (last - first)), 0);
+        XXH3_64bits_reset_withSeed(state, (XXH64_hash_t)seed);
+    }
+    XXH3_64bits_update(state, page, page_size);
+    if (in_frame == f->batch_pages - 1 || k == f->count - 1) {
+        uint64_t sum = htole64((uint64_t)XXH3_64bits_digest(state));
+        memcpy(f->out + 8 * frame, &sum, 8);
+    }
+}
+
+void tn_frame_sums_free(struct tn_frame_sums *f) {
+    if (f->state != NULL)
+        XXH3_freeState(f->state);
+    f->state = NULL;
+}
+
+/* The optional ``checksums`` argument of gather and wp_copy: None, or a writable
+ * buffer of 8 bytes for each frame of batch_pages pages. 0: none; 1: f is ready;
+ * -1: an exception is set. */
+int tn_frame_sums_arg(PyObject *checksums, Py_buffer *view, const unsigned char *pfns,
+                      Py_ssize_t count, Py_ssize_t batch_pages, struct tn_frame_sums *f) {
+    if (checksums == NULL || checksums == Py_None)
+        return 0;
+    if (batch_pages < 1) {
+        PyErr_SetString(PyExc_ValueError, "batch_pages must be at least 1 with checksums");
+        return -1;
+    }
+    if (PyObject_GetBuffer(checksums, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) != 0)
+        return -1;
+    Py_ssize_t frames = (count + batch_pages - 1) / batch_pages;
+    if (view->len < 8 * frames) {
+        PyErr_Format(PyExc_ValueError, "checksums has %zd bytes, %zd frames need %zd",
+                     view->len, frames, 8 * frames);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    if (tn_frame_sums_init(f, pfns, count, batch_pages, view->buf) != 0) {
+        PyBuffer_Release(view);
+        PyErr_NoMemory();
+        return -1;
+    }
+    return 1;
+}
+
 /* Hash64: hash64 computed piece by piece (XXH3-64 streaming), so that a receiver can
  * hash a frame's bytes as they arrive, while they are still in the cache, instead of
  * reading the whole frame again once it is complete. Hash64(seed) fed the pieces of

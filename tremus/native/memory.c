@@ -181,6 +181,7 @@ struct copy_job {
     int to_packed;
     Py_ssize_t bad; /* first out-of-range index, or -1 */
     int stream;     /* scatter with non-temporal stores */
+    struct tn_frame_sums *sums; /* gather: frame checksums of the copied pages, or NULL */
 };
 
 #if defined(__SSE2__)
@@ -237,9 +238,11 @@ static void copy_range(struct copy_job *job) {
             if (q < limit)
                 prefetch_sparse(rg + (size_t)q * (size_t)ps, ps, w);
         }
-        if (job->to_packed)
+        if (job->to_packed) {
             memmove(pk + (size_t)i * (size_t)ps, page, (size_t)ps);
-        else if (job->stream)
+            if (job->sums != NULL)
+                tn_frame_sums_page(job->sums, i, pk + (size_t)i * (size_t)ps, (size_t)ps);
+        } else if (job->stream)
             copy_page_nontemporal(page, pk + (size_t)i * (size_t)ps, (size_t)ps);
         else
             memmove(page, pk + (size_t)i * (size_t)ps, (size_t)ps);
@@ -269,7 +272,7 @@ static long tn_cpu_count(void) {
 /* Copies pages between a paged region and a packed buffer.
  * to_packed = 1: gather (region -> packed), 0: scatter (packed -> region). */
 static PyObject *page_copy(Py_buffer *region, Py_buffer *pfns, Py_buffer *packed,
-                           Py_ssize_t ps, int to_packed) {
+                           Py_ssize_t ps, int to_packed, struct tn_frame_sums *sums) {
     Py_ssize_t n, bad = -1;
     if (tn_check_page_size(ps) < 0 || tn_pfn_count(pfns, &n) < 0)
         return NULL;
@@ -294,8 +297,8 @@ static PyObject *page_copy(Py_buffer *region, Py_buffer *pfns, Py_buffer *packed
                      ((uintptr_t)region->buf & 15) == 0 &&
                      (size_t)n * (size_t)ps >= PARALLEL_SCATTER_MIN_BYTES;
         struct copy_job jobs[2] = {
-            {pf, region->buf, packed->buf, ps, 0, n, limit, to_packed, -1, stream},
-            {pf, region->buf, packed->buf, ps, n / 2, n, limit, to_packed, -1, stream},
+            {pf, region->buf, packed->buf, ps, 0, n, limit, to_packed, -1, stream, sums},
+            {pf, region->buf, packed->buf, ps, n / 2, n, limit, to_packed, -1, stream, NULL},
         };
         pthread_t helper;
         int parallel = !to_packed && (size_t)n * (size_t)ps >= PARALLEL_SCATTER_MIN_BYTES &&
@@ -327,14 +330,26 @@ static PyObject *page_copy(Py_buffer *region, Py_buffer *pfns, Py_buffer *packed
 }
 
 PyObject *tn_gather(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"src", "pfns", "dst", "page_size", NULL};
-    Py_buffer src, pfns, dst;
-    Py_ssize_t ps = TREMUS_PAGE_SIZE;
+    static char *kwlist[] = {"src", "pfns", "dst", "page_size", "checksums", "batch_pages",
+                             NULL};
+    Py_buffer src, pfns, dst, sums_view;
+    Py_ssize_t ps = TREMUS_PAGE_SIZE, batch_pages = 0;
+    PyObject *checksums = NULL, *r = NULL;
+    struct tn_frame_sums sums;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O&O&|n:gather", kwlist, tn_conv_ro, &src,
-                                     tn_conv_ro, &pfns, tn_conv_rw, &dst, &ps))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O&O&|nOn:gather", kwlist, tn_conv_ro, &src,
+                                     tn_conv_ro, &pfns, tn_conv_rw, &dst, &ps, &checksums,
+                                     &batch_pages))
         return NULL;
-    PyObject *r = page_copy(&src, &pfns, &dst, ps, 1);
+    int hashing = tn_frame_sums_arg(checksums, &sums_view, pfns.buf, pfns.len / 8, batch_pages,
+                                    &sums);
+    if (hashing >= 0) {
+        r = page_copy(&src, &pfns, &dst, ps, 1, hashing ? &sums : NULL);
+        if (hashing) {
+            tn_frame_sums_free(&sums);
+            PyBuffer_Release(&sums_view);
+        }
+    }
     PyBuffer_Release(&src);
     PyBuffer_Release(&pfns);
     PyBuffer_Release(&dst);
@@ -349,7 +364,7 @@ PyObject *tn_scatter(PyObject *self, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O&O&O&|n:scatter", kwlist, tn_conv_rw, &dst,
                                      tn_conv_ro, &pfns, tn_conv_ro, &src, &ps))
         return NULL;
-    PyObject *r = page_copy(&dst, &pfns, &src, ps, 0);
+    PyObject *r = page_copy(&dst, &pfns, &src, ps, 0, NULL);
     PyBuffer_Release(&src);
     PyBuffer_Release(&pfns);
     PyBuffer_Release(&dst);

@@ -56,7 +56,7 @@ static PyMethodDef methods[] = {
     {"dirty_bitmap_to_pfns_into", KW tn_dirty_bitmap_to_pfns_into, METH_VARARGS | METH_KEYWORDS,
      "dirty_bitmap_to_pfns_into(bitmap, extra, out) -> count"},
     {"gather", KW tn_gather, METH_VARARGS | METH_KEYWORDS,
-     "gather(src, pfns, dst, page_size=4096) -> bytes copied"},
+     "gather(src, pfns, dst, page_size=4096, checksums=None, batch_pages=0) -> bytes copied"},
     {"scatter", KW tn_scatter, METH_VARARGS | METH_KEYWORDS,
      "scatter(dst, pfns, src, page_size=4096) -> bytes copied"},
     {"hash64", KW tn_py_hash64, METH_VARARGS | METH_KEYWORDS,
@@ -93,7 +93,8 @@ static PyMethodDef methods[] = {
     {"wp_protect", KW tn_wp_protect, METH_VARARGS | METH_KEYWORDS,
      "wp_protect(fd, ram, pfns, unit_pages=1) -> ioctls made"},
     {"wp_copy", KW tn_wp_copy, METH_VARARGS | METH_KEYWORDS,
-     "wp_copy(fd, ram, pfns, staging, run_pages=64, unit_pages=1) -> (faults, serve_ns, serve_max_ns, copy_ns)"},
+     "wp_copy(fd, ram, pfns, staging, run_pages=64, unit_pages=1, checksums=None, "
+     "batch_pages=0) -> (faults, serve_ns, serve_max_ns, copy_ns)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -76,6 +76,19 @@ PyObject *tn_empty_bytearray(PyObject *self, PyObject *args, PyObject *kw);
 
 /* hash.c */
 uint64_t tn_hash64(const unsigned char *p, size_t n, uint64_t seed);
+struct tn_frame_sums {
+    void *state; /* XXH3_state_t */
+    const unsigned char *pfns;
+    unsigned char *out;
+    Py_ssize_t count, batch_pages;
+};
+int tn_frame_sums_init(struct tn_frame_sums *f, const unsigned char *pfns, Py_ssize_t count,
+                       Py_ssize_t batch_pages, unsigned char *out);
+void tn_frame_sums_page(struct tn_frame_sums *f, Py_ssize_t k, const unsigned char *page,
+                        size_t page_size);
+void tn_frame_sums_free(struct tn_frame_sums *f);
+int tn_frame_sums_arg(PyObject *checksums, Py_buffer *view, const unsigned char *pfns,
+                      Py_ssize_t count, Py_ssize_t batch_pages, struct tn_frame_sums *f);
 PyObject *tn_py_hash64(PyObject *self, PyObject *args, PyObject *kw);
 
 /* codec.c */
