@@ -214,6 +214,27 @@ def test_gather_refuses_a_checksum_buffer_it_cannot_fill(impl: ModuleType) -> No
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_pfns_ascending_below(impl: ModuleType) -> None:
+    ok = pfn_bytes([3, 7, 8, 1000])
+    assert impl.pfns_ascending_below(ok, 1001)
+    assert impl.pfns_ascending_below(ok, 1001, 2)
+    assert not impl.pfns_ascending_below(ok, 1001, 3)  # must follow ``after``
+    assert not impl.pfns_ascending_below(ok, 1000)  # the last is out of range
+    assert not impl.pfns_ascending_below(pfn_bytes([3, 7, 7, 9]), 10)  # repeated
+    assert not impl.pfns_ascending_below(pfn_bytes([3, 9, 7, 8]), 10)  # goes back
+    assert not impl.pfns_ascending_below(pfn_bytes([2**64 - 1]), 2**64 - 1)
+    assert impl.pfns_ascending_below(b"", 0)
+    big = list(range(0, 3000, 3))
+    assert impl.pfns_ascending_below(pfn_bytes(big), 3000)
+    for bad in (17, 500, 999):
+        broken = big.copy()
+        broken[bad] = broken[bad - 1]
+        assert not impl.pfns_ascending_below(pfn_bytes(broken), 3000)
+    with pytest.raises(ValueError):
+        impl.pfns_ascending_below(b"1234567", 10)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_gather_scatter_accept_any_contiguous_buffer(impl: ModuleType) -> None:
     src = array("Q", range(1024))  # 2 pages of u64
     dst = mmap.mmap(-1, 4096)

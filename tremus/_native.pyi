@@ -20,6 +20,11 @@ def dirty_bitmap_to_pfns_into(bitmap: Buffer, extra: bytearray | None, out: Buff
     """``dirty_bitmap_to_pfns`` into ``out`` (writable, 8 bytes a pfn); returns how
     many pfns it wrote. ValueError if they do not fit."""
 
+def pfns_ascending_below(pfns: Buffer, limit: int, after: int = -1) -> bool:
+    """Every pfn (little-endian u64) is below ``limit``, the first is above ``after``
+    (-1: any), and each is above the one before it. ValueError if ``pfns`` is not a
+    whole number of u64."""
+
 def gather(src: Buffer, pfns: Buffer, dst: Buffer, page_size: int = 4096,
            checksums: Buffer | None = None, batch_pages: int = 0) -> int:
     """Copy page ``pfns[i]`` of ``src`` to ``dst[i*page_size:]``; returns bytes copied.

@@ -29,6 +29,7 @@ __all__ = [
     "empty_bytearray",
     "dirty_bitmap_to_pfns",
     "dirty_bitmap_to_pfns_into",
+    "pfns_ascending_below",
     "gather",
     "scatter",
     "hash64",
@@ -155,6 +156,15 @@ def dirty_bitmap_to_pfns_into(bitmap: Buffer, extra: Buffer | None, out: Buffer)
 
 
 # -- gather / scatter / memcpy ---------------------------------------------------------
+
+
+def pfns_ascending_below(pfns: Buffer, limit: int, after: int = -1) -> bool:
+    """Every pfn is below ``limit``, the first above ``after``, each above the last."""
+    pf = _pfn_list(_view(pfns))
+    if not pf:
+        return True
+    return (all(map(operator.lt, pf, pf[1:])) and pf[-1] < limit
+            and (after < 0 or pf[0] > after))
 
 
 def gather(src: Buffer, pfns: Buffer, dst: Buffer, page_size: int = PAGE_SIZE,

@@ -715,9 +715,16 @@ class _PrimaryRules:
         self.phase = _Phase.IDLE
 
     def _admit_pages(self, pages: Pages) -> None:
+        limit = self.s.ram_pages
+        if impl.pfns_ascending_below(pages.pfns, limit, self.last_pfn):
+            count = len(pages.pfns) // 8
+            self.last_pfn = int.from_bytes(pages.pfns[8 * count - 8 : 8 * count], "little")
+            self.pages += count
+            self.nbytes += len(pages.data)
+            return
+        # Refused: find and name the first offender.
         what = f"PAGES for epoch {pages.epoch}"
         pfns = _pfn_array(pages.pfns)
-        limit = self.s.ram_pages
         if max(pfns) >= limit:
             i = _first(lambda p: p >= limit, pfns)
             raise ProtocolError(

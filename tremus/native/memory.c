@@ -371,6 +371,40 @@ PyObject *tn_scatter(PyObject *self, PyObject *args, PyObject *kw) {
     return r;
 }
 
+/* ---- pfn list check ------------------------------------------------------ */
+
+/* pfns_ascending_below(pfns, limit, after=-1) -> bool: every pfn is below limit,
+ * the first is above after, and each is above the one before it. Every PAGES
+ * frame is checked so, by the backup (and by the primary, of its own frames):
+ * a thousand pfns a frame, without a branch per pfn. */
+PyObject *tn_pfns_ascending_below(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"pfns", "limit", "after", NULL};
+    Py_buffer pfns;
+    unsigned long long limit;
+    long long after = -1;
+    Py_ssize_t n;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O&K|L:pfns_ascending_below", kwlist,
+                                     tn_conv_ro, &pfns, &limit, &after))
+        return NULL;
+    if (tn_pfn_count(&pfns, &n) < 0) {
+        PyBuffer_Release(&pfns);
+        return NULL;
+    }
+    const unsigned char *p = pfns.buf;
+    int ok = 1;
+    if (n > 0) {
+        uint64_t first = tn_load_le64(p), last = tn_load_le64(p + 8 * (n - 1));
+        unsigned bad = 0;
+        for (Py_ssize_t i = 1; i < n; i++)
+            bad |= tn_load_le64(p + 8 * i) <= tn_load_le64(p + 8 * (i - 1));
+        /* Ascending, so the last is the largest. */
+        ok = !bad && last < (uint64_t)limit && (after < 0 || first > (uint64_t)after);
+    }
+    PyBuffer_Release(&pfns);
+    return PyBool_FromLong(ok);
+}
+
 /* ---- memcpy -------------------------------------------------------------- */
 
 PyObject *tn_memcpy(PyObject *self, PyObject *args, PyObject *kw) {

@@ -55,6 +55,8 @@ static PyMethodDef methods[] = {
      "dirty_bitmap_to_pfns(bitmap, extra=None) -> bytes of ascending little-endian u64 pfns"},
     {"dirty_bitmap_to_pfns_into", KW tn_dirty_bitmap_to_pfns_into, METH_VARARGS | METH_KEYWORDS,
      "dirty_bitmap_to_pfns_into(bitmap, extra, out) -> count"},
+    {"pfns_ascending_below", KW tn_pfns_ascending_below, METH_VARARGS | METH_KEYWORDS,
+     "pfns_ascending_below(pfns, limit, after=-1) -> bool"},
     {"gather", KW tn_gather, METH_VARARGS | METH_KEYWORDS,
      "gather(src, pfns, dst, page_size=4096, checksums=None, batch_pages=0) -> bytes copied"},
     {"scatter", KW tn_scatter, METH_VARARGS | METH_KEYWORDS,
