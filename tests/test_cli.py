@@ -113,7 +113,7 @@ def test_protect_on_a_terminal_shows_one_status_line_redrawn_in_place() -> None:
         primary = subprocess.Popen(
             [sys.executable, "-m", "tremus.cli", "protect", "--domain",
              "microvm:name=web,workload=counter,memory=8M", "--backup", f"127.0.0.1:{port}",
-             "--interval", "25", "--duration", "4"],
+             "--interval", "25", "--duration", "8"],
             stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal)
         os.close(terminal)
         terminal = -1
@@ -142,7 +142,7 @@ def test_protect_on_a_terminal_shows_one_status_line_redrawn_in_place() -> None:
     redraws = text.count("\r") - text.count("\r\n")
     lines = [line for line in text.replace("\r\n", "\n").split("\n")
              if line.strip() and "counter " not in line]  # the guest's console is its own
-    acks = 4 / 0.025  # about as many checkpoints as there were
+    acks = 8 / 0.025  # about as many checkpoints as there were
     assert redraws >= 5, text[-2000:]
     assert len(lines) < acks / 4, f"{len(lines)} lines for ~{acks:.0f} checkpoints"
     assert "web: protection started: microvm -> " in text

@@ -47,11 +47,11 @@ class LateReturningStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-async def _protect_and_record(url: str, interval_ms: float, seconds: float, *,
+async def _protect_and_record(url: str, interval_ms: float, acks: int, *,
                               late: bool = False) -> tuple[list[Event], BackupOutcome | None]:
-    """Protect a page-dirtying micro-VM over ``url`` for ``seconds``; the primary's
-    events in the order they were emitted, and how the backup ended. ``late``: the
-    primary's sends return late (see ``LateReturningStream``)."""
+    """Protect a page-dirtying micro-VM over ``url`` until ``acks`` checkpoints were
+    acknowledged; the primary's events in the order they were emitted, and how the
+    backup ended. ``late``: the primary's sends return late (see ``LateReturningStream``)."""
     config = ProtectionConfig(interval_ms=interval_ms)
     events: list[Event] = []
     outcome: list[BackupOutcome] = []
@@ -76,7 +76,9 @@ async def _protect_and_record(url: str, interval_ms: float, seconds: float, *,
 
         nursery.start_soon(run_backup)
         await nursery.start(primary.run)
-        await trio.sleep(seconds)
+        with trio.fail_after(60):
+            while sum(isinstance(e, CheckpointAcked) for e in events) < acks:
+                await trio.sleep(0.01)
         primary.stop()
         with trio.fail_after(30):
             await primary.stopped.wait()
@@ -92,7 +94,7 @@ async def _protect_and_record(url: str, interval_ms: float, seconds: float, *,
     ("tcp://127.0.0.1:0", True),
 ])
 async def test_every_epoch_is_sent_then_acked_then_released(url: str, late: bool) -> None:
-    events, outcome = await _protect_and_record(url, interval_ms=10, seconds=2, late=late)
+    events, outcome = await _protect_and_record(url, interval_ms=10, acks=20, late=late)
     assert outcome is BackupOutcome.ENDED
     seen: dict[int, list[str]] = {}
     for event in events:
@@ -116,7 +118,7 @@ async def test_every_epoch_is_sent_then_acked_then_released(url: str, late: bool
 
 
 async def test_the_sent_event_keeps_its_figures_when_the_ack_comes_first() -> None:
-    events, _ = await _protect_and_record("tcp://127.0.0.1:0", interval_ms=10, seconds=1,
+    events, _ = await _protect_and_record("tcp://127.0.0.1:0", interval_ms=10, acks=20,
                                           late=True)
     sent = {e.epoch: e for e in events if isinstance(e, CheckpointSent)}
     acked = [e for e in events if isinstance(e, CheckpointAcked)]

@@ -241,7 +241,7 @@ async def test_a_backup_example_runs_verbatim_and_serves_a_primary(
                 await trio.sleep(0.05)
         primary = await start_tremus(nursery, "primary", "protect", "--domain",
                                      "microvm:workload=counter,memory=16M",
-                                     "--backup", f"127.0.0.1:{port}", "--duration", "2",
+                                     "--backup", f"127.0.0.1:{port}", "--duration", "5",
                                      "--json")
         try:
             with trio.fail_after(60):

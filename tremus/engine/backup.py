@@ -325,6 +325,7 @@ class BackupSession:
         # The replica holds nothing until the first checkpoint completes: write that
         # one straight into it (see CheckpointStager.write_through).
         self._stager.write_through = True
+        self._link.conn.pages_landing = self._stager.landing  # its pages land in place
         features = tuple(f for f in event.features if f in p.SUPPORTED_FEATURES)
         standby = ""
         if self._ownership_for is not None:

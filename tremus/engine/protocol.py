@@ -900,9 +900,11 @@ def _header_and_payload(event: Event) -> tuple[dict[str, Any], list[BytesLike]]:
 
 
 def _event_from(kind: str, h: dict[str, Any], payload: BytesLike,
-                pages_checksum: int | None = None) -> Event:
+                pages_checksum: int | None = None, pages_data: BytesLike | None = None,
+                ) -> Event:
     """The event of a whole frame. ``pages_checksum``: a PAGES payload's checksum,
-    computed as it arrived (None: compute it here)."""
+    computed as it arrived (None: compute it here); ``pages_data``: its page data,
+    when it landed apart from its pfns (``payload`` then holds only the pfns)."""
     match kind:
         case "HELLO":
             return Hello(
@@ -927,6 +929,8 @@ def _event_from(kind: str, h: dict[str, Any], payload: BytesLike,
             view = memoryview(payload)
             split = 8 * h["count"]
             pfns, data = view[:split], view[split:]
+            if pages_data is not None:
+                data = memoryview(pages_data)
             checksum = pages_checksum
             if checksum is None:
                 checksum = impl.hash64(data, impl.hash64(pfns))
@@ -1014,7 +1018,17 @@ class _Connection:
         self._closed_seen = False
         self._pending: tuple[str, dict[str, Any], int] | None = None
         self._payload: bytearray | memoryview | None = None
+        self._payload_len = 0
         self._payload_filled = 0
+        #: Where the page data of a raw PAGES frame may land directly, or None:
+        #: called with the frame's epoch and pfns once they arrived (not yet checked:
+        #: the frame is checked whole, after its pages landed), it returns a writable
+        #: view of exactly the frame's page data size, or None for a buffer of the
+        #: frame's own. The backup's first checkpoint, written through into a replica
+        #: nothing can fail over to yet, lands its pages there: no copy at all.
+        self.pages_landing: Callable[[int, memoryview], memoryview | None] | None = None
+        self._landing_asked = False
+        self._landing: memoryview | None = None
         # A PAGES payload is checksummed as it arrives (see _hash_arrived): where its
         # page data starts, the running hash of the page data, and how far it got.
         self._pages_at: int | None = None
@@ -1146,15 +1160,12 @@ class _Connection:
         if not data:
             self._eof = True
             return
-        payload = self._payload
-        if payload is not None and not self._buffer:
+        if self._payload is not None and not self._buffer:
             # The common case for page data: straight into the pending payload.
-            take = min(len(data), len(payload) - self._payload_filled)
-            payload[self._payload_filled : self._payload_filled + take] = memoryview(data)[:take]
-            self._payload_filled += take
-            self._hash_arrived()
-            if take < len(data):
-                self._buffer += memoryview(data)[take:]
+            with memoryview(data) as view:
+                take = self._fill_payload(view)
+                if take < len(view):
+                    self._buffer += view[take:]
         else:
             self._buffer += data
 
@@ -1166,15 +1177,62 @@ class _Connection:
         """
         if self._error is not None or self._payload is None or self._buffer:
             return None
-        return memoryview(self._payload)[self._payload_filled :]
+        return self._payload_room()
 
     def received_into(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last ``receive_buffer()``."""
         assert self._payload is not None
-        if not 0 <= nbytes <= len(self._payload) - self._payload_filled:
+        if not 0 <= nbytes <= len(self._payload_room()):
             raise ValueError(f"received_into({nbytes}): out of the receive buffer")
         self._payload_filled += nbytes
         self._hash_arrived()
+
+    def _payload_room(self) -> memoryview:
+        """The rest of the payload's current part: a landing frame's pfns go to its
+        own small buffer, its page data where ``pages_landing`` put it."""
+        assert self._payload is not None
+        filled = self._payload_filled
+        if not self._landing_asked:
+            return memoryview(self._payload)[filled:]
+        pages_at = self._pages_at
+        assert pages_at is not None
+        if filled < pages_at:
+            return memoryview(self._payload)[filled:]
+        if self._landing is None:
+            self._land()
+            assert self._landing is not None
+        return self._landing[filled - pages_at :]
+
+    def _land(self) -> None:
+        """The pfns of a landing frame are in: ask where its pages go."""
+        assert self.pages_landing is not None and self._pending is not None
+        size = self._payload_len - len(self._payload or b"")
+        landing = self.pages_landing(self._pending[1]["epoch"], memoryview(self._payload or b""))
+        if landing is None:
+            landing = page_aligned(size)
+        if len(landing) != size:
+            raise RuntimeError(f"pages_landing gave {len(landing)} bytes for {size}")
+        self._landing = landing
+
+    def _fill_payload(self, data: memoryview) -> int:
+        """Copy buffered bytes into the pending payload; how many it took."""
+        taken = 0
+        while taken < len(data) and self._payload_filled < self._payload_len:
+            room = self._payload_room()
+            take = min(len(room), len(data) - taken)
+            room[:take] = data[taken : taken + take]
+            self._payload_filled += take
+            taken += take
+        self._hash_arrived()
+        return taken
+
+    def _page_data(self) -> memoryview:
+        """The page data part of the pending PAGES payload."""
+        assert self._payload is not None and self._pages_at is not None
+        if self._landing_asked:
+            assert self._landing is not None
+            return memoryview(self._landing)  # a view of its own: the caller releases it
+        return memoryview(self._payload)[self._pages_at :]
 
     def _hash_arrived(self) -> None:
         """Feed the page data that arrived since the last call to the frame's running
@@ -1182,7 +1240,7 @@ class _Connection:
         complete comes from memory), in steps of at least _HASH_STEP bytes."""
         if self._pages_at is None or self._payload is None:
             return
-        filled, complete = self._payload_filled, self._payload_filled == len(self._payload)
+        filled, complete = self._payload_filled, self._payload_filled == self._payload_len
         if self._pages_hash is None:
             if filled < self._pages_at:
                 return
@@ -1190,7 +1248,9 @@ class _Connection:
                 self._pages_hash = impl.Hash64(impl.hash64(pfns))
             self._pages_hashed = self._pages_at
         if filled - self._pages_hashed >= _HASH_STEP or (complete and filled > self._pages_hashed):
-            with memoryview(self._payload) as view, view[self._pages_hashed : filled] as part:
+            pages_at = self._pages_at
+            with self._page_data() as data, data[self._pages_hashed - pages_at :
+                                                  filled - pages_at] as part:
                 self._pages_hash.update(part)
             self._pages_hashed = filled
 
@@ -1238,29 +1298,36 @@ class _Connection:
             self._pending = (kind, header, payload_len)
             # The payload gets a buffer of its own, filled by receive_data or by the
             # driver through receive_buffer(): page data is copied once, not twice.
-            if payload_len >= _ALIGN_PAYLOAD_FROM:
-                pages_at = 8 * header["count"] if kind == "PAGES" else 0
+            # Raw page data may even land where it belongs (pages_landing).
+            pages_at = 8 * header["count"] if kind == "PAGES" else 0
+            self._pages_at = pages_at if kind == "PAGES" else None
+            self._pages_hash = None
+            self._payload_len, self._payload_filled = payload_len, 0
+            self._landing = None
+            self._landing_asked = (kind == "PAGES" and self.pages_landing is not None
+                                   and header["codec"] == RAW and payload_len > pages_at)
+            if self._landing_asked:
+                self._payload = impl.empty_bytearray(pages_at)
+            elif payload_len >= _ALIGN_PAYLOAD_FROM:
                 self._payload = page_aligned(payload_len, pages_at)
             else:
                 self._payload = impl.empty_bytearray(payload_len)
-            take = min(len(buf), payload_len)
-            self._payload[:take] = memoryview(buf)[:take]
-            self._payload_filled = take
+            with memoryview(buf) as view:
+                take = self._fill_payload(view)
             del buf[:take]
-            self._pages_at = 8 * header["count"] if kind == "PAGES" else None
-            self._pages_hash = None
-            self._hash_arrived()
         kind, header, payload_len = self._pending
         assert self._payload is not None
         if self._payload_filled < payload_len:
             return self._need_data()
         payload = memoryview(self._payload).toreadonly()
         pages_checksum = None if self._pages_hash is None else self._pages_hash.intdigest()
-        self._payload = None
-        self._payload_filled = 0
+        landed = None if self._landing is None else self._landing.toreadonly()
+        self._payload = self._landing = None
+        self._payload_filled = self._payload_len = 0
+        self._landing_asked = False
         self._pending = None
         self._pages_at = self._pages_hash = None
-        event = _event_from(kind, header, payload, pages_checksum)
+        event = _event_from(kind, header, payload, pages_checksum, landed)
         self._verify(event)
         self._theirs.admit(event)
         self._frames_in += 1
@@ -1320,8 +1387,9 @@ class _Connection:
         self._error = exc
         self._buffer.clear()
         self._pending = None
-        self._payload = None
-        self._payload_filled = 0
+        self._payload = self._landing = None
+        self._payload_filled = self._payload_len = 0
+        self._landing_asked = False
         self._pages_at = self._pages_hash = None
         return exc
 
@@ -1464,6 +1532,23 @@ class CheckpointStager:
         self.write_through = False
         self._written_pfns = bytearray()
         self._scratch = bytearray()
+        self._landed: bytes | None = None
+
+    def landing(self, epoch: int, pfns: memoryview) -> memoryview | None:
+        """``BackupConnection.pages_landing``: while writing through, the replica's own
+        pages for a frame of consecutive pfns (a full checkpoint's), so that they are
+        received straight into it; None otherwise."""
+        count = len(pfns) // 8
+        if not self.write_through or epoch != self._epoch or count == 0:
+            return None
+        first = int.from_bytes(pfns[:8], "little")
+        last = int.from_bytes(pfns[8 * count - 8 : 8 * count], "little")
+        # Strictly ascending and spanning count pages: consecutive.
+        if last - first != count - 1 or not impl.pfns_ascending_below(pfns, self._ram_pages):
+            return None
+        self._landed = bytes(pfns)
+        ps = self._page_size
+        return self._replica[first * ps : (last + 1) * ps]
 
     @property
     def open_epoch(self) -> int | None:
@@ -1477,6 +1562,7 @@ class CheckpointStager:
         self._staged_pages = 0
         self._state = None
         self._written_pfns = bytearray()
+        self._landed = None
 
     def feed(self, event: CheckpointEvent) -> CompleteCheckpoint | None:
         """Stage one event; on a valid CHECKPOINT_END, return the complete checkpoint.
@@ -1545,6 +1631,10 @@ class CheckpointStager:
         self._staged_pages += count
 
     def _write_through(self, what: str, pages: Pages, pfns: memoryview, size: int) -> None:
+        landed, self._landed = self._landed, None
+        if landed is not None and pages.codec == RAW and pfns == landed:
+            self._written_pfns += pfns  # received straight into the replica
+            return
         data: BytesLike = pages.data
         if not (pages.codec == RAW and len(pages.data) == size):
             if len(self._scratch) < size:
