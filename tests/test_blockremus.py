@@ -260,7 +260,7 @@ async def test_silence_is_a_device_error(disk: RawDisk, paths: tuple[str, str]) 
     start = trio.current_time()
     with pytest.raises(DeviceError, match="no answer from the disk .* epoch 0 within 0.2 s"):
         await device.commit(0)
-    assert 0.15 < trio.current_time() - start < 1.0
+    assert 0.15 < trio.current_time() - start < 1.5
     await device.teardown()
 
 
@@ -549,7 +549,7 @@ async def test_device_sees_its_disk_die(tmp_path: Path) -> None:
     on_flush = Recorder()
     on_flush.gate(0)
     server = BlockRemusFifo(tmp_path, HOST, PORT, on_flush)
-    device = BlockRemusDevice(server.control_path, timeout=2.0)
+    device = BlockRemusDevice(server.control_path, timeout=5.0)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         await device.setup()
@@ -558,5 +558,5 @@ async def test_device_sees_its_disk_die(tmp_path: Path) -> None:
     start = trio.current_time()
     with pytest.raises(DeviceError, match="it is gone"):
         await device.commit(0)
-    assert trio.current_time() - start < 0.5  # at once, not after the timeout
+    assert trio.current_time() - start < 1.5  # at once, not after the timeout
     await device.teardown()

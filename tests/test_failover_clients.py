@@ -89,7 +89,7 @@ def gratuitous_arps(raw: socket.socket, ip: str) -> list[bytes]:
 
 @pytest.mark.parametrize("netbuf", ["vmm", "nfqueue"])
 async def test_clients_keep_their_writes_across_failover(netbuf: str) -> None:
-    with trio.fail_after(55):
+    with trio.fail_after(120):
         async with kv_net() as net:
             topo = net.topo
             backup = await net.start_backup("--heartbeat-timeout", str(HEARTBEAT_TIMEOUT_MS))

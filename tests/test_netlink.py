@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 import trio.testing
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
@@ -70,6 +70,7 @@ def test_parse_messages_splits_a_datagram_and_stops_at_garbage() -> None:
     assert parse_messages(pack_header(400, 1, 0, 1, 0)) == []
 
 
+@settings(deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 0x3FFF), st.binary(max_size=40)), max_size=8))
 def test_attrs_round_trip(attrs: list[tuple[int, bytes]]) -> None:
     buf = b"".join(pack_attr(t, p) for t, p in attrs)

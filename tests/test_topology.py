@@ -71,7 +71,7 @@ async def test_tap_is_bridged_to_the_segment() -> None:
             rx = trio.socket.from_stdlib_socket(rx_raw)
             await rx.bind((topo.address("client"), 7002))
             tx.sendto(b"host", (topo.address("client"), 7002))
-            with trio.fail_after(2):
+            with trio.fail_after(10):
                 assert await rx.recv(100) == b"host"
             tap = await trio.to_thread.run_sync(topo.open_tap, "primary", "tg0")
             with tap:
@@ -86,7 +86,7 @@ async def test_tap_is_bridged_to_the_segment() -> None:
                         payload=b"guest",
                     )
                 )
-                with trio.fail_after(2):
+                with trio.fail_after(10):
                     assert await rx.recv(100) == b"guest"
 
 
