@@ -40,6 +40,20 @@ def _cow_or_skip(ram: mmap.mmap) -> CopyOnWrite:
         pytest.skip(f"no userfaultfd write-protect here: {exc}")
 
 
+def _wait_until_blocked(threads: list[threading.Thread], timeout: float = 10) -> None:
+    """Until every thread waits in a userfaultfd write fault (its kernel wait
+    channel): a fixed sleep would assume how fast a loaded machine runs them."""
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        while True:
+            with open(f"/proc/self/task/{thread.native_id}/wchan") as wchan:
+                where = wchan.read()
+            if where == "handle_userfault":
+                break
+            assert time.monotonic() < deadline, f"{thread.name} waits in {where!r}, not a fault"
+            time.sleep(0.001)
+
+
 @pytest.mark.parametrize("shared", [False, True], ids=["anonymous", "memfd"])
 def test_writers_wait_for_their_page_to_be_copied(shared: bool) -> None:
     if shared:
@@ -73,7 +87,7 @@ def test_writers_wait_for_their_page_to_be_copied(shared: bool) -> None:
         deadline = time.monotonic() + 5
         while 1 not in done and time.monotonic() < deadline:
             time.sleep(0.001)
-        time.sleep(0.05)  # the other two are in their fault by now
+        _wait_until_blocked([w for w, pfn in zip(writers, targets, strict=True) if pfn != 1])
         assert done == [1], done  # the unprotected page was written at once, the others wait
         staging = bytearray(len(pfns) // 8 * PAGE)
         stats = cow.copy(pfns, staging)
@@ -128,7 +142,7 @@ def test_huge_page_units_are_protected_whole_and_stay_huge() -> None:
         deadline = time.monotonic() + 5
         while free not in done and time.monotonic() < deadline:
             time.sleep(0.001)
-        time.sleep(0.05)
+        _wait_until_blocked([writers[0]])
         assert done == [free], done
         staging = bytearray(len(dirty) * PAGE)
         stats = cow.copy(pfns, staging)
@@ -210,7 +224,7 @@ def test_the_copy_computes_frame_checksums_in_order_whoever_copied_a_page() -> N
         writers = [threading.Thread(target=write, args=(pfn,)) for pfn in late]
         for writer in writers:
             writer.start()
-        time.sleep(0.05)
+        _wait_until_blocked(writers)
         staging = bytearray(len(dirty) * PAGE)
         sums = bytearray(8 * -(-len(dirty) // batch))
         stats = cow.copy(pfns, staging, sums, batch)
