@@ -6,11 +6,14 @@ import ctypes
 import errno
 import mmap
 import re
+import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import final
 
 from tremus.accel import impl
 
-__all__ = ["GuestMemory", "guest_memory", "page_aligned", "prefaulted_buffer"]
+__all__ = ["GuestMemory", "PayloadBuffers", "guest_memory", "page_aligned", "prefaulted_buffer"]
 
 _PAGE = mmap.PAGESIZE
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
@@ -43,10 +46,63 @@ def page_aligned(size: int, aligned_at: int = 0) -> memoryview:
     bytes of pfns, hits it for some counts when its pages are scattered into the
     page-aligned replica. With the pages page-aligned it never does.
     """
-    raw = impl.empty_bytearray(size + _PAGE)
+    return _aligned_in(impl.empty_bytearray(size + _PAGE), size, aligned_at)
+
+
+def _aligned_in(raw: bytearray, size: int, aligned_at: int) -> memoryview:
     address = ctypes.addressof(ctypes.c_char.from_buffer(raw))
     start = (-address - aligned_at) % _PAGE
     return memoryview(raw)[start : start + size]
+
+
+class _Lent(bytearray):
+    """A buffer ``PayloadBuffers`` lent out (weakly tracked: one never given back is
+    simply freed)."""
+
+    __slots__ = ("__weakref__",)
+
+
+@final
+class PayloadBuffers:
+    """Page-aligned buffers (as ``page_aligned``) for received frame payloads, used
+    again once given back.
+
+    A fresh buffer of a few MiB is mapped in by the kernel a page at a time as the
+    bytes land in it, a fault and a zeroed page each (about as long as receiving the
+    bytes, here); and the allocator hands large freed buffers back to the kernel. One
+    given back is used again, already mapped in. At most ``max_bytes`` wait unused.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._spare: list[_Lent] = []
+        self._spare_bytes = 0
+        self._lent: weakref.WeakValueDictionary[int, _Lent] = weakref.WeakValueDictionary()
+
+    def take(self, size: int, aligned_at: int = 0) -> memoryview:
+        """``size`` writable bytes (not zeroed), byte ``aligned_at`` page-aligned."""
+        need = size + _PAGE
+        for index, raw in enumerate(self._spare):
+            if need <= len(raw) <= 2 * need:
+                del self._spare[index]
+                self._spare_bytes -= len(raw)
+                break
+        else:
+            raw = _Lent(need)  # calloc: fresh pages from the kernel, not written here
+        self._lent[id(raw)] = raw
+        return _aligned_in(raw, size, aligned_at)
+
+    def give_back(self, buffers: Iterable[object]) -> None:
+        """Buffers ``take`` lent (``memoryview.obj`` of what it returned) that nothing
+        reads any more; anything else is ignored."""
+        for obj in buffers:
+            raw = self._lent.get(id(obj))
+            if raw is None or raw is not obj:
+                continue
+            del self._lent[id(obj)]
+            if self._spare_bytes + len(raw) <= self.max_bytes:
+                self._spare.append(raw)
+                self._spare_bytes += len(raw)
 
 
 @dataclass(frozen=True, slots=True)

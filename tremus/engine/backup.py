@@ -25,7 +25,7 @@ from typing import Any, Final, final
 import trio
 
 from tremus._groups import collapse_groups
-from tremus._memory import prefaulted_buffer
+from tremus._memory import PayloadBuffers, prefaulted_buffer
 from tremus.accel import impl
 from tremus.domains.base import ConsoleSink, Domain, DomainError
 from tremus.domains.registry import get_driver, restore_domain
@@ -188,6 +188,7 @@ class BackupSession:
         self._hello: p.Hello | None = None
         self._replica: mmap.mmap | None = None
         self._stager: p.CheckpointStager | None = None
+        self._payload_buffers: PayloadBuffers | None = None
         self._state: bytes | None = None
         #: Clear while a checkpoint is being applied in the background.
         self._applied = trio.Event()
@@ -326,6 +327,9 @@ class BackupSession:
         # one straight into it (see CheckpointStager.write_through).
         self._stager.write_through = True
         self._link.conn.pages_landing = self._stager.landing  # its pages land in place
+        # Frame buffers are used again once their checkpoint is applied (see _apply).
+        self._payload_buffers = PayloadBuffers(event.ram_size)
+        self._link.conn.payload_buffers = self._payload_buffers
         features = tuple(f for f in event.features if f in p.SUPPORTED_FEATURES)
         standby = ""
         if self._ownership_for is not None:
@@ -413,6 +417,10 @@ class BackupSession:
                 else:
                     self._scatter(checkpoint)
                 self._commit(checkpoint, started)
+                # Nothing reads this checkpoint's frames again: their buffers serve
+                # the next ones, already mapped in.
+                if self._payload_buffers is not None:
+                    self._payload_buffers.give_back(data.obj for _, data in checkpoint.batches)
             finally:
                 applied.set()
 

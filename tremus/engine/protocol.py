@@ -126,7 +126,7 @@ from typing import Any, Final, TypeAlias, final
 
 import msgpack
 
-from tremus._memory import page_aligned
+from tremus._memory import PayloadBuffers, page_aligned
 from tremus.accel import impl
 from tremus.transports.codec import CODECS, DELTA, MAX_BATCH_PAGES, RAW, decode_into, encoded_size
 
@@ -1027,6 +1027,9 @@ class _Connection:
         #: frame's own. The backup's first checkpoint, written through into a replica
         #: nothing can fail over to yet, lands its pages there: no copy at all.
         self.pages_landing: Callable[[int, memoryview], memoryview | None] | None = None
+        #: Where large payloads get their buffers; with ``PayloadBuffers`` the owner
+        #: gives them back once it is done with a frame's bytes.
+        self.payload_buffers: PayloadBuffers | None = None
         self._landing_asked = False
         self._landing: memoryview | None = None
         # A PAGES payload is checksummed as it arrives (see _hash_arrived): where its
@@ -1209,10 +1212,15 @@ class _Connection:
         size = self._payload_len - len(self._payload or b"")
         landing = self.pages_landing(self._pending[1]["epoch"], memoryview(self._payload or b""))
         if landing is None:
-            landing = page_aligned(size)
+            landing = self._aligned(size, 0)
         if len(landing) != size:
             raise RuntimeError(f"pages_landing gave {len(landing)} bytes for {size}")
         self._landing = landing
+
+    def _aligned(self, size: int, aligned_at: int) -> memoryview:
+        if self.payload_buffers is not None:
+            return self.payload_buffers.take(size, aligned_at)
+        return page_aligned(size, aligned_at)
 
     def _fill_payload(self, data: memoryview) -> int:
         """Copy buffered bytes into the pending payload; how many it took."""
@@ -1309,7 +1317,7 @@ class _Connection:
             if self._landing_asked:
                 self._payload = impl.empty_bytearray(pages_at)
             elif payload_len >= _ALIGN_PAYLOAD_FROM:
-                self._payload = page_aligned(payload_len, pages_at)
+                self._payload = self._aligned(payload_len, pages_at)
             else:
                 self._payload = impl.empty_bytearray(payload_len)
             with memoryview(buf) as view:
