@@ -160,7 +160,13 @@ class Link:
         if self.stream is None:
             return sum(len(part) for part in parts if part is not None)
         total = 0
-        async with self._send_lock:
+        try:
+            # Not through the scheduler when the link is free (Lock.acquire always
+            # yields): an ACK or a checkpoint's first frame goes out at once.
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
             # A frame is sent whole or the link is lost: cancelling a send half way
             # would leave the peer a truncated frame, which a backup must take for
             # the primary's death. So sends are shielded, and bounded instead by a
@@ -184,6 +190,8 @@ class Link:
                 raise self._lost(f"sending to the {self._peer} made no progress for "
                                  f"{self.stall_timeout * 1000:g} ms")
             self.last_sent = trio.current_time()
+        finally:
+            self._send_lock.release()
         await trio.lowlevel.checkpoint_if_cancelled()
         return total
 
