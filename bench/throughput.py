@@ -12,11 +12,13 @@ of pages a second. The page gather belongs to the pause (``bench/pause.py``,
 engine starts encoding and sending, and ends when ``CheckpointAcked`` fires.
 
 The limit, measured in the same run and alternated with the engine one checkpoint
-at a time: a Trio TCP stream (same ``transports.connect/listen`` tuning) pushing the
-same bytes in the same ``send_all`` sizes the engine used for that checkpoint (they
-are recorded) to a receiver that receives into one reused buffer (``recv_into`` of
-up to 4 MiB, as the backup receives page data) and discards, then answers with a
-32-byte "ACK".
+at a time: a Trio TCP stream (same ``transports.connect/listen`` tuning) pushing as
+many bytes as the engine sent for that checkpoint (``bytes_sent``: its frames), in
+one ``send_all``, to a receiver that receives into one reused buffer (``recv_into``
+of up to 4 MiB, as the backup receives page data) and discards, then answers with a
+32-byte "ACK". The engine's own stream is not wrapped: it sends as it does over TCP
+(one ``sendmsg`` a frame). Its frame checksums are computed as the pages are copied,
+i.e. in the gather, which is the pause's.
 
 Rows: raw codec for N = 1024, 4096, 16384 and 32768 pages, all of the 128 MiB RAM
 (target ratio_to_socket >= 0.7); the first, full checkpoint (all RAM, received
@@ -182,28 +184,6 @@ class SyntheticDomain:
         return bytes(4096)  # about a micro-VM's vCPU + device state
 
 
-class RecordingStream(trio.abc.Stream):
-    """A stream that records the size of every ``send_all``, per epoch."""
-
-    def __init__(self, inner: trio.abc.Stream, domain: SyntheticDomain) -> None:
-        self.inner = inner
-        self.domain = domain
-        self.sizes: dict[int, list[int]] = {}
-
-    async def send_all(self, data: Any) -> None:
-        self.sizes.setdefault(self.domain.epoch, []).append(len(data))
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 async def _sink(stream: trio.abc.Stream) -> None:
     """The socket limit's receiver: per transfer, an 8-byte length, then that many
     bytes received into one reused buffer (``recv_into``, as the backup receives page
@@ -281,18 +261,17 @@ class SocketLimit:
     async def connect(self, url: str) -> None:
         self.stream = await transports.connect(url)
 
-    async def transfer(self, sizes: list[int]) -> float:
-        """Seconds to push chunks of ``sizes`` bytes and get the ACK back."""
-        sizes = list(sizes)  # the caller's list grows while we send (heartbeats)
-        await self.stream.send_all(sum(sizes).to_bytes(8, "little"))
+    async def transfer(self, nbytes: int) -> float:
+        """Seconds to push ``nbytes`` bytes (one ``send_all`` per source's length)
+        and get the ACK back."""
+        await self.stream.send_all(nbytes.to_bytes(8, "little"))
         src = memoryview(self._source)
         t0 = time.perf_counter()
-        off = 0
-        for size in sizes:
-            if off + size > len(src):
-                off = 0
-            await self.stream.send_all(src[off : off + size])
-            off += size
+        left = nbytes
+        while left:
+            size = min(left, len(src))
+            await self.stream.send_all(src[:size])
+            left -= size
         got = 0
         while got < ACK_BYTES:
             data = await self.stream.receive_some(ACK_BYTES - got)
@@ -332,14 +311,14 @@ async def run_codec(codec: str, ram_bytes: int, cases: list[tuple[int, bool]], r
     rows: list[dict[str, Any]] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(domain.run)
-        stream = RecordingStream(await transports.connect(backup_url), domain)
+        stream = await transports.connect(backup_url)
         session = PrimarySession(domain, stream, config=cfg)
         session.events.add_callback(on_event)
         await nursery.start(session.run)
 
         t_full, ev = await wait_ack(0)
         full_s = t_full - domain.resumed_at[0]
-        full_socket = await limit.transfer(stream.sizes[0])
+        full_socket = await limit.transfer(ev.bytes_sent)
         rows.append(_row(codec, "full", ev, [full_s], [full_socket], 1, [ev.round_trip_ms]))
         _common.log(f"  {codec} full checkpoint ({ev.dirty_pages} pages): "
                     f"{rows[-1]['gbps']} GB/s, socket {rows[-1]['socket_gbps']} GB/s")
@@ -359,7 +338,7 @@ async def run_codec(codec: str, ram_bytes: int, cases: list[tuple[int, bool]], r
                 if profile is not None:
                     profile.disable()
                 t = t_ack - domain.resumed_at[epoch]
-                s = await limit.transfer(stream.sizes[epoch])
+                s = await limit.transfer(last.bytes_sent)
                 if rep:
                     engine_s.append(t)
                     socket_s.append(s)
