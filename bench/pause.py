@@ -20,9 +20,10 @@ Per row, medians over the epochs:
 * ``pause_us`` (``_p90``, ``_max``) — from "vCPU stopped" to "vCPU running again";
 * ``steps_us`` — the engine's own work inside the pause (dirty log + capture + state);
 * the breakdown of the pause: ``wake_us`` (vCPU parked -> ``suspend()`` returned in
-  the Trio thread), ``dirty_log_us`` (read the dirty log: with KVM's manual dirty-log
-  protection, clearing it is left to ``resume``, or under copy-on-write to the copy
-  after it), ``capture_us`` (copy: copy the pages; cow: write-protect them),
+  the Trio thread), ``dirty_log_us`` (read the dirty log as a bitmap: with KVM's manual
+  dirty-log protection, clearing it is left to ``resume``, or under copy-on-write to
+  the copy after it), ``capture_us`` (copy: list the pfns and copy the pages; cow:
+  write-protect them from the bitmap, the pfns listed after the resume),
   ``state_us`` (snapshot the vCPU and device state; encoding it waits until after
   the resume, as in the engine), ``release_us`` (state saved -> resume
   released the vCPU: copy rows clear the dirty log there), ``reentry_us``
@@ -72,25 +73,27 @@ async def measure(pages: int, epochs: int, method: str) -> dict[str, float | int
             await trio.sleep(max(0.05, 2 * pages / rate))
             await vm.suspend()
             t0 = time.perf_counter_ns()
-            pfns = vm.read_and_clear_dirty().cast("B")
+            # As the engine does: copy-on-write protects from the dirty bitmap and
+            # lists the pfns after the resume; an epoch too small to gain from
+            # write-protection is copied in the pause.
+            bitmap, count = vm.read_dirty_bitmap()
             t_dirty = time.perf_counter_ns()
-            # As the engine does: an epoch too small to gain from write-protection is
-            # copied in the pause.
-            protected = cow is not None and len(pfns) // 8 >= cow.min_pages
-            if protected:
-                cow.protect(pfns)
+            protected = cow is not None and count >= cow.min_pages
+            if cow is not None and protected:
+                cow.protect_bitmap(bitmap)
             else:
-                impl.gather(vm.ram, pfns, staging)
+                impl.gather(vm.ram, vm.dirty_pfns(), staging)
             t_capture = time.perf_counter_ns()
             encode_state = vm.state_snapshot()  # encoded after the resume, as the engine does
             t1 = time.perf_counter_ns()
             await vm.resume()
             encode_state()
-            if protected:
+            if cow is not None and protected:
+                pfns = vm.dirty_pfns()
                 copies.append(await trio.to_thread.run_sync(cow.copy, pfns, staging))
             while vm.resumed_at_ns < vm.stopped_at_ns:
                 await trio.sleep(0)
-            rows.append((len(pfns) // 8, (vm.resumed_at_ns - vm.stopped_at_ns) / 1e3,
+            rows.append((count, (vm.resumed_at_ns - vm.stopped_at_ns) / 1e3,
                          vm.kick_latency_ns / 1e3, (t1 - t0) / 1e3))
             for key, ns in (("wake_us", t0 - vm.stopped_at_ns), ("dirty_log_us", t_dirty - t0),
                             ("capture_us", t_capture - t_dirty), ("state_us", t1 - t_capture),

@@ -171,12 +171,14 @@ def _write_protected(ram: mmap.mmap) -> list[int]:
     return [pfn for pfn, entry in enumerate(entries) if entry >> 57 & 1]
 
 
+@pytest.mark.parametrize("from_bitmap", [False, True], ids=["pfns", "bitmap"])
 @pytest.mark.parametrize("unit_pages", [1, 8, 64])
-def test_exactly_the_units_holding_a_dirty_page_are_protected(unit_pages: int) -> None:
-    """Runs of whole units, found without reading every pfn: dense units, sparse
-    ones, gaps of one unit and more, the first and last pages, units cut by the
-    mapping's alignment; every one released by the copy."""
-    pages = 1024
+def test_exactly_the_units_holding_a_dirty_page_are_protected(unit_pages: int,
+                                                              from_bitmap: bool) -> None:
+    """Runs of whole units, found without reading every pfn (or from a bitmap):
+    dense units, sparse ones, gaps of one unit and more, the first and last pages,
+    units cut by the mapping's alignment; every one released by the copy."""
+    pages = 1000  # not a whole number of bitmap words
     ram = mmap.mmap(-1, pages * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     ram[:] = os.urandom(len(ram))
     cow = _cow_or_skip(ram)
@@ -189,7 +191,11 @@ def test_exactly_the_units_holding_a_dirty_page_are_protected(unit_pages: int) -
             units = {(pfn + shift) // unit_pages for pfn in dirty}
             expected = [pfn for pfn in range(pages) if (pfn + shift) // unit_pages in units]
             pfns = array("Q", dirty).tobytes()
-            cow.protect(pfns)
+            if from_bitmap:
+                bits = sum(1 << pfn for pfn in dirty) | 1 << (pages + 5)  # past the end: ignored
+                cow.protect_bitmap(bits.to_bytes(8 * -(-(pages + 6) // 64), "little"))
+            else:
+                cow.protect(pfns)
             at_protect = bytes(ram)
             assert _write_protected(ram) == expected, density
             staging = bytearray(len(dirty) * PAGE)
@@ -243,6 +249,18 @@ def test_the_copy_computes_frame_checksums_in_order_whoever_copied_a_page() -> N
         with pytest.raises(ValueError, match="checksums has 8 bytes"):
             cow.copy(pfns, staging, bytearray(8), batch)
         assert _write_protected(ram) == []
+    finally:
+        cow.close()
+        ram.close()
+
+
+def test_a_bitmap_too_short_for_the_ram_is_refused() -> None:
+    ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    cow = _cow_or_skip(ram)
+    try:
+        with pytest.raises(ValueError, match=f"bitmap has 8 bytes, {PAGES} pages need 32"):
+            cow.protect_bitmap(bytes(8))
+        ram[0:4] = b"free"  # nothing was left protected
     finally:
         cow.close()
         ram.close()

@@ -214,6 +214,24 @@ def test_gather_refuses_a_checksum_buffer_it_cannot_fill(impl: ModuleType) -> No
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("nbytes", [8, 13, 256])
+def test_dirty_bitmap_merge(impl: ModuleType, nbytes: int) -> None:
+    rng = random.Random(nbytes)
+    bitmap = bytes(rng.getrandbits(8) for _ in range(nbytes))
+    extra = bytearray(rng.getrandbits(8) & 0x11 for _ in range(nbytes))
+    want = bytes(b | e for b, e in zip(bitmap, extra, strict=True))
+    out = bytearray(nbytes)
+    assert impl.dirty_bitmap_merge(bitmap, extra, out) == sum(bin(b).count("1") for b in want)
+    assert out == want and extra == bytes(nbytes)
+    assert impl.dirty_bitmap_merge(bitmap, None, out) == sum(bin(b).count("1") for b in bitmap)
+    assert out == bitmap
+    with pytest.raises(ValueError):
+        impl.dirty_bitmap_merge(bitmap, bytearray(nbytes + 1), out)
+    with pytest.raises(ValueError):
+        impl.dirty_bitmap_merge(bitmap, None, bytearray(nbytes + 8))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_pfns_ascending_below(impl: ModuleType) -> None:
     ok = pfn_bytes([3, 7, 8, 1000])
     assert impl.pfns_ascending_below(ok, 1001)

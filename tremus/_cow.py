@@ -86,6 +86,13 @@ class CopyOnWrite:
         native.wp_protect(self._fd, self._ram, pfns, self.unit_pages)
         self._rearm_due = self._rearm is not None
 
+    def protect_bitmap(self, bitmap: Any) -> None:
+        """``protect`` for the pages set in ``bitmap`` (bit ``i`` of little-endian u64
+        word ``i // 64`` is page ``i``); ``copy`` then takes their pfns."""
+        assert native is not None
+        native.wp_protect_bitmap(self._fd, self._ram, bitmap, self.unit_pages)
+        self._rearm_due = self._rearm is not None
+
     def copy(self, pfns: Any, staging: Any, checksums: Any = None,
              batch_pages: int = 0) -> CopyStats:
         """After resume (blocking: run it in a worker thread): copy the protected pages

@@ -20,6 +20,10 @@ def dirty_bitmap_to_pfns_into(bitmap: Buffer, extra: bytearray | None, out: Buff
     """``dirty_bitmap_to_pfns`` into ``out`` (writable, 8 bytes a pfn); returns how
     many pfns it wrote. ValueError if they do not fit."""
 
+def dirty_bitmap_merge(bitmap: Buffer, extra: bytearray | None, out: Buffer) -> int:
+    """``out`` (writable, as long as ``bitmap``) = ``bitmap`` OR ``extra``; ``extra``
+    is zeroed; returns how many bits are set (one epoch's dirty pages)."""
+
 def pfns_ascending_below(pfns: Buffer, limit: int, after: int = -1) -> bool:
     """Every pfn (little-endian u64) is below ``limit``, the first is above ``after``
     (-1: any), and each is above the one before it. ValueError if ``pfns`` is not a
@@ -128,6 +132,10 @@ def wp_protect(fd: int, ram: Buffer, pfns: Buffer, unit_pages: int = 1) -> int:
     """Write-protect the units (``unit_pages`` pages, aligned in the address space)
     holding pages ``pfns`` (ascending little-endian u64) of ``ram``; returns the
     ioctls made (one per run of consecutive units)."""
+
+def wp_protect_bitmap(fd: int, ram: Buffer, bitmap: Buffer, unit_pages: int = 1) -> int:
+    """``wp_protect`` for the pages whose bit is set in ``bitmap`` (bit ``i`` of
+    little-endian u64 word ``i // 64`` is page ``i``), without a pfn list."""
 
 def wp_copy(fd: int, ram: Buffer, pfns: Buffer, staging: Buffer, run_pages: int = 64,
             unit_pages: int = 1, checksums: Buffer | None = None,

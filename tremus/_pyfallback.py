@@ -29,6 +29,7 @@ __all__ = [
     "empty_bytearray",
     "dirty_bitmap_to_pfns",
     "dirty_bitmap_to_pfns_into",
+    "dirty_bitmap_merge",
     "pfns_ascending_below",
     "gather",
     "scatter",
@@ -153,6 +154,21 @@ def dirty_bitmap_to_pfns_into(bitmap: Buffer, extra: Buffer | None, out: Buffer)
         _view(extra, writable=True)[:] = bytes(len(bm))
     dst[: len(pfns)] = pfns
     return len(pfns) // 8
+
+
+def dirty_bitmap_merge(bitmap: Buffer, extra: Buffer | None, out: Buffer) -> int:
+    """``out`` = ``bitmap`` | ``extra`` (same length), ``extra`` zeroed; the set bits."""
+    dst, bm = _view(out, writable=True), _view(bitmap)
+    if extra is not None and len(_view(extra)) != len(bm):
+        raise ValueError(f"extra has {len(_view(extra))} bytes, bitmap has {len(bm)}")
+    if len(dst) != len(bm):
+        raise ValueError(f"out has {len(dst)} bytes, bitmap has {len(bm)}")
+    merged = int.from_bytes(bm, "little")
+    if extra is not None:
+        merged |= int.from_bytes(_view(extra), "little")
+        _view(extra, writable=True)[:] = bytes(len(bm))
+    dst[:] = merged.to_bytes(len(bm), "little")
+    return merged.bit_count()
 
 
 # -- gather / scatter / memcpy ---------------------------------------------------------

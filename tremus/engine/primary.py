@@ -492,23 +492,38 @@ class PrimarySession:
         copied: CopyStats | None = None
         encode_state: Callable[[], bytes] | None = None
         state = b""
+        pfns: memoryview | None = None
+        sums: bytearray | None = None
         with trio.CancelScope(shield=True):
             await domain.suspend()
             stopped = time.perf_counter()
             protected = False
             try:
                 await self._devices.postsuspend(epoch)
-                dirty = domain.read_and_clear_dirty()
-                pfns = memoryview(self._all_pfns) if full else dirty.cast("B")
+                # A domain that can give its dirty pages as a bitmap lets copy-on-write
+                # protect from it: listing them waits until after the resume.
+                read_bitmap = getattr(domain, "read_dirty_bitmap", None)
+                if read_bitmap is not None and cow is not None and not full:
+                    bitmap, count = read_bitmap()
+                    list_dirty = domain.dirty_pfns  # type: ignore[attr-defined]
+                else:
+                    dirty = domain.read_and_clear_dirty()
+                    pfns = memoryview(self._all_pfns) if full else dirty.cast("B")
+                    count = len(pfns) // 8
                 assert self._staging is not None
                 # Raw frames carry checksums of the pages as copied: each page is
                 # hashed right after its copy, in the cache, not read again to send.
-                sums = (bytearray(8 * -(-len(pfns) // (8 * MAX_BATCH_PAGES)))
+                sums = (bytearray(8 * -(-count // MAX_BATCH_PAGES))
                         if isinstance(self._codec, RawCodec) else None)
-                if cow is not None and len(pfns) // 8 >= cow.min_pages:
-                    cow.protect(pfns)
+                if cow is not None and count >= cow.min_pages:
+                    if pfns is None:
+                        cow.protect_bitmap(bitmap)
+                    else:
+                        cow.protect(pfns)
                     protected = True
                 else:
+                    if pfns is None:
+                        pfns = list_dirty().cast("B")
                     impl.gather(domain.ram, pfns, self._staging, self._page_size,
                                 sums, MAX_BATCH_PAGES)
                 # A domain that can snapshot its state leaves the encoding (msgpack,
@@ -526,8 +541,11 @@ class PrimarySession:
                 resumed = time.perf_counter()
                 if protected:
                     assert cow is not None
+                    if pfns is None:
+                        pfns = list_dirty().cast("B")
                     copied = await trio.to_thread.run_sync(
                         cow.copy, pfns, self._staging, sums, MAX_BATCH_PAGES)
+        assert pfns is not None
         if encode_state is not None:
             state = encode_state()
         # From "vCPU stopped" to "vCPU released", by the domain's own timestamps if

@@ -147,6 +147,45 @@ done:
     return result;
 }
 
+/* dirty_bitmap_merge(bitmap, extra, out) -> count: out = bitmap | extra, extra
+ * zeroed, and how many bits are set: one epoch's dirty pages as a bitmap of its
+ * own, which copy-on-write protects from in the pause (dirty_bitmap_to_pfns_into
+ * then lists them after the resume). */
+PyObject *tn_dirty_bitmap_merge(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"bitmap", "extra", "out", NULL};
+    PyObject *bitmap, *extra, *out_obj, *result = NULL;
+    Py_buffer out = {0};
+    struct dirty_args a;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:dirty_bitmap_merge", kwlist, &bitmap,
+                                     &extra, &out_obj))
+        return NULL;
+    if (!tn_conv_rw(out_obj, &out))
+        return NULL;
+    if (!dirty_args_parse(bitmap, extra, &a))
+        goto done;
+    if (out.len != a.bm.len) {
+        PyErr_Format(PyExc_ValueError, "out has %zd bytes, bitmap has %zd", out.len, a.bm.len);
+        goto done;
+    }
+    {
+        const unsigned char *b = a.bm.buf, *e = a.have_extra ? a.ex.buf : NULL;
+        unsigned char *o = out.buf;
+        Py_ssize_t len = a.bm.len, off = 0;
+        for (; off + 8 <= len; off += 8)
+            tn_store_le64(o + off, bitmap_word(b, e, off, len));
+        for (; off < len; off++)
+            o[off] = (unsigned char)(b[off] | (e ? e[off] : 0));
+        if (a.have_extra)
+            memset(a.ex.buf, 0, (size_t)a.ex.len);
+    }
+    result = PyLong_FromSsize_t(a.count);
+done:
+    dirty_args_release(&a);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 /* ---- gather / scatter ---------------------------------------------------- */
 
 #include <pthread.h>

@@ -57,6 +57,8 @@ static PyMethodDef methods[] = {
      "dirty_bitmap_to_pfns_into(bitmap, extra, out) -> count"},
     {"pfns_ascending_below", KW tn_pfns_ascending_below, METH_VARARGS | METH_KEYWORDS,
      "pfns_ascending_below(pfns, limit, after=-1) -> bool"},
+    {"dirty_bitmap_merge", KW tn_dirty_bitmap_merge, METH_VARARGS | METH_KEYWORDS,
+     "dirty_bitmap_merge(bitmap, extra, out) -> count"},
     {"gather", KW tn_gather, METH_VARARGS | METH_KEYWORDS,
      "gather(src, pfns, dst, page_size=4096, checksums=None, batch_pages=0) -> bytes copied"},
     {"scatter", KW tn_scatter, METH_VARARGS | METH_KEYWORDS,
@@ -94,6 +96,8 @@ static PyMethodDef methods[] = {
      "wp_open(ram) -> userfaultfd registered for write-protect over ram"},
     {"wp_protect", KW tn_wp_protect, METH_VARARGS | METH_KEYWORDS,
      "wp_protect(fd, ram, pfns, unit_pages=1) -> ioctls made"},
+    {"wp_protect_bitmap", KW tn_wp_protect_bitmap, METH_VARARGS | METH_KEYWORDS,
+     "wp_protect_bitmap(fd, ram, bitmap, unit_pages=1) -> ioctls made"},
     {"wp_copy", KW tn_wp_copy, METH_VARARGS | METH_KEYWORDS,
      "wp_copy(fd, ram, pfns, staging, run_pages=64, unit_pages=1, checksums=None, "
      "batch_pages=0) -> (faults, serve_ns, serve_max_ns, copy_ns)"},

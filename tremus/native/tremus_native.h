@@ -70,6 +70,8 @@ Py_ssize_t tn_first_pfn_at_or_above(const unsigned char *pfns, Py_ssize_t n, uin
 PyObject *tn_dirty_bitmap_to_pfns(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_dirty_bitmap_to_pfns_into(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_gather(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_dirty_bitmap_merge(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_wp_protect_bitmap(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_pfns_ascending_below(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_scatter(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_memcpy(PyObject *self, PyObject *args, PyObject *kw);

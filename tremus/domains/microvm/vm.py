@@ -147,6 +147,8 @@ class MicroVM:
             raise DomainError(f"cannot create the micro-VM: {exc}") from exc
         bitmap_bytes = (self._geometry.pages + 63) // 64 * 8
         self._kvm_bitmap = bytearray(bitmap_bytes)
+        #: The last read's dirty pages: KVM's and the VMM's own writes together.
+        self._dirty_bitmap = bytearray(bitmap_bytes)
         self._pfns = memoryview(prefaulted_buffer(self._geometry.pages * 8))
         #: The dirty pages last read (still in _kvm_bitmap, which only the next read
         #: rewrites, after it re-arms them) are still to be cleared in KVM.
@@ -356,10 +358,24 @@ class MicroVM:
         KVM only reports them here; they are cleared and write-protected again
         (the per-page part) by ``resume``, or after it by copy-on-write capture,
         which holds every one of them protected until then."""
+        self.read_dirty_bitmap()
+        return self.dirty_pfns()
+
+    def read_dirty_bitmap(self) -> tuple[memoryview, int]:
+        """``read_and_clear_dirty`` without the list: the pages as a bitmap (bit ``i``
+        of little-endian u64 word ``i // 64`` is page ``i``) and how many there are,
+        valid until the next read. Copy-on-write protects them from it in the
+        pause; ``dirty_pfns`` lists them after the resume."""
         self._rearm_dirty_log()  # a read that no resume followed
         self._native.get_dirty_log(self._vm_fd, 0, self._kvm_bitmap)
-        count = impl.dirty_bitmap_to_pfns_into(self._kvm_bitmap, self._vmm_bitmap, self._pfns)
+        count = impl.dirty_bitmap_merge(self._kvm_bitmap, self._vmm_bitmap, self._dirty_bitmap)
         self._dirty_to_rearm = self._manual_dirty_log
+        return memoryview(self._dirty_bitmap), count
+
+    def dirty_pfns(self) -> memoryview:
+        """The pfns of the last ``read_dirty_bitmap``, ascending (valid until the
+        next read; any thread, the guest running or not)."""
+        count = impl.dirty_bitmap_to_pfns_into(self._dirty_bitmap, None, self._pfns)
         return self._pfns[: 8 * count].cast("Q")
 
     def _rearm_dirty_log(self) -> None:
