@@ -12,6 +12,7 @@ import random
 import threading
 import time
 from array import array
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -254,30 +255,34 @@ def test_the_copy_computes_frame_checksums_in_order_whoever_copied_a_page() -> N
         ram.close()
 
 
-def test_a_bitmap_too_short_for_the_ram_is_refused() -> None:
+@pytest.fixture
+def plain() -> Iterator[tuple[mmap.mmap, CopyOnWrite]]:
+    """Anonymous RAM of PAGES pages and copy-on-write over it."""
     ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     cow = _cow_or_skip(ram)
     try:
-        with pytest.raises(ValueError, match=f"bitmap has 8 bytes, {PAGES} pages need 32"):
-            cow.protect_bitmap(bytes(8))
-        ram[0:4] = b"free"  # nothing was left protected
+        yield ram, cow
     finally:
         cow.close()
         ram.close()
 
 
-def test_bad_pfns_are_refused_before_anything_is_protected() -> None:
-    ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    cow = _cow_or_skip(ram)
-    try:
-        with pytest.raises(ValueError, match="ascending"):
-            cow.protect(array("Q", [5, 3]).tobytes())
-        with pytest.raises(ValueError, match="below"):
-            cow.protect(array("Q", [PAGES]).tobytes())
-        ram[0:4] = b"free"  # nothing was left protected
-    finally:
-        cow.close()
-        ram.close()
+def test_a_bitmap_too_short_for_the_ram_is_refused(plain: tuple[mmap.mmap, CopyOnWrite]
+                                                   ) -> None:
+    ram, cow = plain
+    with pytest.raises(ValueError, match=f"bitmap has 8 bytes, {PAGES} pages need 32"):
+        cow.protect_bitmap(bytes(8))
+    ram[0:4] = b"free"  # nothing was left protected
+
+
+def test_bad_pfns_are_refused_before_anything_is_protected(plain: tuple[mmap.mmap, CopyOnWrite]
+                                                           ) -> None:
+    ram, cow = plain
+    with pytest.raises(ValueError, match="ascending"):
+        cow.protect(array("Q", [5, 3]).tobytes())
+    with pytest.raises(ValueError, match="below"):
+        cow.protect(array("Q", [PAGES]).tobytes())
+    ram[0:4] = b"free"  # nothing was left protected
 
 
 def test_capture_must_be_a_known_method() -> None:

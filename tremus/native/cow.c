@@ -184,6 +184,37 @@ static Py_ssize_t next_unit(const unsigned char *p, Py_ssize_t j, Py_ssize_t n,
     return j;
 }
 
+/* Protection set by one call, run by run: on a failure what it protected is
+ * lifted again (nothing may stay protected unserved) and the errno kept. */
+struct protecting {
+    int fd, failed;
+    uint64_t base, from, to;
+    Py_ssize_t runs;
+};
+
+static void protect_run(struct protecting *p, uint64_t first, uint64_t end) {
+    if (wp_range(p->fd, p->base + first * TREMUS_PAGE_SIZE, (end - first) * TREMUS_PAGE_SIZE,
+                 1) != 0) {
+        p->failed = errno;
+        if (p->to > p->from)
+            wp_range(p->fd, p->base + p->from * TREMUS_PAGE_SIZE,
+                     (p->to - p->from) * TREMUS_PAGE_SIZE, 0);
+        return;
+    }
+    if (!p->runs)
+        p->from = first;
+    p->to = end;
+    p->runs++;
+}
+
+static PyObject *protected_result(const struct protecting *p) {
+    if (p->failed) {
+        errno = p->failed;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "UFFDIO_WRITEPROTECT");
+    }
+    return PyLong_FromSsize_t(p->runs);
+}
+
 /* Write-protect the units holding pages pfns[] of ram: one ioctl per run of
  * consecutive units. */
 PyObject *tn_wp_protect(PyObject *self, PyObject *args, PyObject *kw) {
@@ -200,39 +231,19 @@ PyObject *tn_wp_protect(PyObject *self, PyObject *args, PyObject *kw) {
     if (n < 0)
         goto done;
     struct units u = units_of(&ram, unit_pages);
-    uint64_t base = (uint64_t)(uintptr_t)ram.buf;
+    struct protecting prot = {.fd = fd, .base = (uint64_t)(uintptr_t)ram.buf};
     const unsigned char *p = pfns.buf;
-    int failed = 0;
-    Py_ssize_t runs = 0;
-    uint64_t protected_from = 0, protected_to = 0;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n && !failed;) {
+    for (Py_ssize_t i = 0; i < n && !prot.failed;) {
         uint64_t a = unit_of(&u, tn_load_le64(p + 8 * i)), b = a;
         Py_ssize_t j = next_unit(p, i + 1, n, &u, &b, -1);
         uint64_t first, end;
         unit_span(&u, a, b, &first, &end);
-        if (wp_range(fd, base + first * TREMUS_PAGE_SIZE, (end - first) * TREMUS_PAGE_SIZE,
-                     1) != 0) {
-            failed = errno;
-            /* Lift what this call protected: nothing may stay protected unserved. */
-            if (protected_to > protected_from)
-                wp_range(fd, base + protected_from * TREMUS_PAGE_SIZE,
-                         (protected_to - protected_from) * TREMUS_PAGE_SIZE, 0);
-        } else {
-            if (!runs)
-                protected_from = first;
-            protected_to = end;
-        }
-        runs++;
+        protect_run(&prot, first, end);
         i = j;
     }
     Py_END_ALLOW_THREADS
-    if (failed) {
-        errno = failed;
-        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "UFFDIO_WRITEPROTECT");
-        goto done;
-    }
-    result = PyLong_FromSsize_t(runs);
+    result = protected_result(&prot);
 done:
     PyBuffer_Release(&ram);
     PyBuffer_Release(&pfns);
@@ -276,12 +287,10 @@ PyObject *tn_wp_protect_bitmap(PyObject *self, PyObject *args, PyObject *kw) {
         goto done;
     }
     const unsigned char *bm = bitmap.buf;
-    uint64_t base = (uint64_t)(uintptr_t)ram.buf, protected_to = 0;
-    Py_ssize_t runs = 0;
-    int failed = 0;
+    struct protecting prot = {.fd = fd, .base = (uint64_t)(uintptr_t)ram.buf};
     Py_BEGIN_ALLOW_THREADS
     uint64_t page = next_set_bit(bm, 0, pages);
-    while (page < pages && !failed) {
+    while (page < pages && !prot.failed) {
         /* A run of consecutive units, each holding a dirty page. */
         uint64_t a = unit_of(&u, page), b = a, first, end;
         for (;;) {
@@ -292,25 +301,11 @@ PyObject *tn_wp_protect_bitmap(PyObject *self, PyObject *args, PyObject *kw) {
             b++;
         }
         unit_span(&u, a, b, &first, &end);
-        if (wp_range(fd, base + first * TREMUS_PAGE_SIZE, (end - first) * TREMUS_PAGE_SIZE,
-                     1) != 0) {
-            failed = errno;
-            /* Lift what this call protected: nothing may stay protected unserved. */
-            if (protected_to)
-                wp_range(fd, base, protected_to * TREMUS_PAGE_SIZE, 0);
-            break;
-        }
-        protected_to = end;
-        runs++;
+        protect_run(&prot, first, end);
         page = next_set_bit(bm, end, pages);
     }
     Py_END_ALLOW_THREADS
-    if (failed) {
-        errno = failed;
-        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "UFFDIO_WRITEPROTECT");
-        goto done;
-    }
-    result = PyLong_FromSsize_t(runs);
+    result = protected_result(&prot);
 done:
     PyBuffer_Release(&ram);
     PyBuffer_Release(&bitmap);

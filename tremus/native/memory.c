@@ -119,20 +119,29 @@ done:
     return result;
 }
 
+/* Parse (bitmap, extra, out) into a and a writable out; 0 with an exception.
+ * Either way the caller releases both (dirty_args_release, PyBuffer_Release). */
+static int dirty_out_args(PyObject *args, PyObject *kw, const char *format,
+                          struct dirty_args *a, Py_buffer *out) {
+    static char *kwlist[] = {"bitmap", "extra", "out", NULL};
+    PyObject *bitmap, *extra, *out_obj;
+    memset(a, 0, sizeof *a);
+    memset(out, 0, sizeof *out);
+    if (!PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, &bitmap, &extra, &out_obj))
+        return 0;
+    if (!tn_conv_rw(out_obj, out))
+        return 0;
+    return dirty_args_parse(bitmap, extra, a);
+}
+
 /* The same into a caller's buffer (no allocation, no fresh pages to fault in: a
  * 16k-page epoch's 128 KiB of pfns cost ~40 us in page faults here). */
 PyObject *tn_dirty_bitmap_to_pfns_into(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"bitmap", "extra", "out", NULL};
-    PyObject *bitmap, *extra, *out_obj, *result = NULL;
-    Py_buffer out = {0};
+    PyObject *result = NULL;
+    Py_buffer out;
     struct dirty_args a;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:dirty_bitmap_to_pfns_into", kwlist, &bitmap,
-                                     &extra, &out_obj))
-        return NULL;
-    if (!tn_conv_rw(out_obj, &out))
-        return NULL;
-    if (!dirty_args_parse(bitmap, extra, &a))
+    if (!dirty_out_args(args, kw, "OOO:dirty_bitmap_to_pfns_into", &a, &out))
         goto done;
     if (a.count > out.len / 8) {
         PyErr_Format(PyExc_ValueError, "out holds %zd pfns, %zd pages are dirty", out.len / 8,
@@ -152,17 +161,11 @@ done:
  * own, which copy-on-write protects from in the pause (dirty_bitmap_to_pfns_into
  * then lists them after the resume). */
 PyObject *tn_dirty_bitmap_merge(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"bitmap", "extra", "out", NULL};
-    PyObject *bitmap, *extra, *out_obj, *result = NULL;
-    Py_buffer out = {0};
+    PyObject *result = NULL;
+    Py_buffer out;
     struct dirty_args a;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO:dirty_bitmap_merge", kwlist, &bitmap,
-                                     &extra, &out_obj))
-        return NULL;
-    if (!tn_conv_rw(out_obj, &out))
-        return NULL;
-    if (!dirty_args_parse(bitmap, extra, &a))
+    if (!dirty_out_args(args, kw, "OOO:dirty_bitmap_merge", &a, &out))
         goto done;
     if (out.len != a.bm.len) {
         PyErr_Format(PyExc_ValueError, "out has %zd bytes, bitmap has %zd", out.len, a.bm.len);
