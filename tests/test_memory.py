@@ -9,7 +9,7 @@ from array import array
 
 import pytest
 
-from tremus._memory import page_aligned
+from tremus._memory import PayloadBuffers, page_aligned
 from tremus.accel import native
 from tremus.engine import protocol as p
 
@@ -55,3 +55,23 @@ def test_received_pages_start_on_a_page_boundary(count: int) -> None:
     assert isinstance(pages, p.Pages) and bytes(pages.data) == data
     assert native is not None
     assert native.buffer_address(pages.data) % PAGE == 0
+
+
+def test_payload_buffers_are_used_again_once_given_back() -> None:
+    """Given back, a buffer serves the next payload of about its size (already
+    mapped in); anything it did not lend, or beyond max_bytes, is not kept."""
+    buffers = PayloadBuffers(max_bytes=3 << 20)
+    first = buffers.take(1 << 20, aligned_at=8192)
+    assert ctypes.addressof(ctypes.c_char.from_buffer(first, 8192)) % 4096 == 0
+    owner = first.obj
+    buffers.give_back([owner, bytearray(1 << 20), b"not ours"])
+    again = buffers.take(1 << 20, aligned_at=16)
+    assert again.obj is owner and len(again) == 1 << 20
+    assert ctypes.addressof(ctypes.c_char.from_buffer(again, 16)) % 4096 == 0
+    assert buffers.take(4 << 20).obj is not owner  # far bigger: a buffer of its own
+    small = buffers.take(1000)
+    assert small.obj is not owner  # far smaller: not a 1 MiB buffer for it
+    big = [buffers.take(2 << 20) for _ in range(2)]
+    buffers.give_back(b.obj for b in big)  # the second exceeds max_bytes: dropped
+    kept = [buffers.take(2 << 20).obj for _ in range(2)]
+    assert kept[0] is big[0].obj and kept[1] is not big[1].obj

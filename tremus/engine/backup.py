@@ -57,6 +57,9 @@ _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 #: releases the GIL), so the next one is received meanwhile; a smaller one costs
 #: less than the thread's hand-off and is applied on the event loop.
 _APPLY_IN_THREAD_PAGES = 256
+#: Frame buffers kept for reuse after their checkpoint is applied, at most (and at
+#: most the guest's RAM): a backup that serves many guests keeps its memory bounded.
+_SPARE_PAYLOAD_BYTES = 256 << 20
 
 
 #: Fault injection for tests: hold every ACK this long (an ACK the primary reads late).
@@ -327,8 +330,9 @@ class BackupSession:
         # one straight into it (see CheckpointStager.write_through).
         self._stager.write_through = True
         self._link.conn.pages_landing = self._stager.landing  # its pages land in place
-        # Frame buffers are used again once their checkpoint is applied (see _apply).
-        self._payload_buffers = PayloadBuffers(event.ram_size)
+        # Frame buffers are used again once their checkpoint is applied (see _apply),
+        # as many as one checkpoint of up to _SPARE_PAYLOAD_BYTES needs.
+        self._payload_buffers = PayloadBuffers(min(event.ram_size, _SPARE_PAYLOAD_BYTES))
         self._link.conn.payload_buffers = self._payload_buffers
         features = tuple(f for f in event.features if f in p.SUPPORTED_FEATURES)
         standby = ""
