@@ -31,7 +31,6 @@ _SPILL = 64 << 10
 _IO_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-
 @final
 class Link:
     """Drives ``conn`` over ``stream``; ``stream=None`` swallows sends (blackhole).

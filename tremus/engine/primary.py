@@ -110,8 +110,6 @@ class _Capture:
 
 
 @dataclass(slots=True)
-
-
 class _Inflight:
     epoch: int
     dirty_pages: int

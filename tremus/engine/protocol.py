@@ -122,7 +122,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from hashlib import sha256
-from typing import Any, Final, TypeAlias, final
+from typing import Any, Final, NoReturn, TypeAlias, final
 
 import msgpack
 
@@ -715,15 +715,17 @@ class _PrimaryRules:
         self.phase = _Phase.IDLE
 
     def _admit_pages(self, pages: Pages) -> None:
-        limit = self.s.ram_pages
-        if impl.pfns_ascending_below(pages.pfns, limit, self.last_pfn):
-            count = len(pages.pfns) // 8
-            self.last_pfn = int.from_bytes(pages.pfns[8 * count - 8 : 8 * count], "little")
-            self.pages += count
-            self.nbytes += len(pages.data)
-            return
-        # Refused: find and name the first offender.
+        if not impl.pfns_ascending_below(pages.pfns, self.s.ram_pages, self.last_pfn):
+            self._refuse_pfns(pages)
+        count = len(pages.pfns) // 8
+        self.last_pfn = int.from_bytes(pages.pfns[8 * count - 8 : 8 * count], "little")
+        self.pages += count
+        self.nbytes += len(pages.data)
+
+    def _refuse_pfns(self, pages: Pages) -> NoReturn:
+        """ProtocolError naming the first pfn out of range or out of order."""
         what = f"PAGES for epoch {pages.epoch}"
+        limit = self.s.ram_pages
         pfns = _pfn_array(pages.pfns)
         if max(pfns) >= limit:
             i = _first(lambda p: p >= limit, pfns)
@@ -741,9 +743,7 @@ class _PrimaryRules:
                 f"{what}: pfn {pfns[i]} (index {i}) does not follow pfn {pfns[i - 1]}:"
                 " pfns must be strictly ascending across a checkpoint"
             )
-        self.last_pfn = pfns[-1]
-        self.pages += len(pfns)
-        self.nbytes += len(pages.data)
+        raise AssertionError("pfns_ascending_below refused pfns that are in order")
 
     def _admit_end(self, end: CheckpointEnd) -> None:
         what = f"CHECKPOINT_END for epoch {end.epoch}"
@@ -1209,8 +1209,9 @@ class _Connection:
     def _land(self) -> None:
         """The pfns of a landing frame are in: ask where its pages go."""
         assert self.pages_landing is not None and self._pending is not None
-        size = self._payload_len - len(self._payload or b"")
-        landing = self.pages_landing(self._pending[1]["epoch"], memoryview(self._payload or b""))
+        assert self._payload is not None
+        size = self._payload_len - len(self._payload)
+        landing = self.pages_landing(self._pending[1]["epoch"], memoryview(self._payload))
         if landing is None:
             landing = self._aligned(size, 0)
         if len(landing) != size:
