@@ -8,9 +8,8 @@ lost" error with a message that says what happened.
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import final
 
 import trio
@@ -149,12 +148,14 @@ class Link:
     async def send_parts(self, parts: Iterable[p.BytesLike | None]) -> int:
         """Send frame pieces in order; returns bytes sent.
 
-        ``parts`` may be a generator that builds frames as it goes. What it yielded
-        is written when it yields ``None`` (a flush) or ends, all of it at once: one
-        ``sendmsg`` on a socket (no copy, and one wake-up of the peer for a frame's
-        header, pfns and pages, and the frames that follow them), else small pieces
-        joined and large ones written as they are. Building the next frame after a
-        flush overlaps the network and the peer.
+        ``parts`` may be a generator that builds frames as it goes: a ``None`` it
+        yields ends a group (a flush). A group is written at once: one ``sendmsg`` on
+        a socket (no copy, and one wake-up of the peer for a frame's header, pfns and
+        pages, and the frames that follow them), else small pieces joined and large
+        ones written as they are. On a socket, the next group is built as soon as
+        the socket is full (a partial write), while it drains, and joins the bytes
+        still waiting: building a frame overlaps the network and the peer instead of
+        following the last byte of the frame before it.
         """
         if self.stream is None:
             return sum(len(part) for part in parts if part is not None)
@@ -173,15 +174,10 @@ class Link:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self.stall_timeout
                 try:
-                    pending: list[p.BytesLike] = []
-                    for part in itertools.chain(parts, (None,)):
-                        if part is not None:
-                            if len(part):
-                                pending.append(part)
-                            continue
-                        if pending:
-                            total += await self._write(pending, scope)
-                            pending = []
+                    if self._socket is not None:
+                        total = await self._send_socket(iter(parts), scope)
+                    else:
+                        total = await self._send_stream(iter(parts), scope)
                 except _IO_ERRORS as exc:
                     raise self._lost(f"sending to the {self._peer} failed: {describe(exc)}"
                                      ) from exc
@@ -194,35 +190,67 @@ class Link:
         await trio.lowlevel.checkpoint_if_cancelled()
         return total
 
-    async def _write(self, parts: list[p.BytesLike], scope: trio.CancelScope) -> int:
-        """Write ``parts`` in order; every write that makes progress pushes back the
-        deadline of ``scope``."""
-        assert self.stream is not None
-        total = sum(len(part) for part in parts)
-        if self._socket is not None:
-            views = [memoryview(part).cast("B") for part in parts]
-            first = 0
-            while first < len(views):
-                sent = await self._socket.sendmsg(views[first : first + _IOV_MAX])
-                scope.deadline = trio.current_time() + self.stall_timeout
-                while first < len(views) and sent >= len(views[first]):
-                    sent -= len(views[first])
-                    first += 1
-                if sent:
-                    views[first] = views[first][sent:]
-            return total
-        small: list[p.BytesLike] = []
-        for part in [*parts, b""]:
-            if 0 < len(part) < _COALESCE:
-                small.append(part)
+    @staticmethod
+    def _next_group(parts: Iterator[p.BytesLike | None], into: list[memoryview]) -> bool:
+        """Append the non-empty pieces of ``parts`` up to its next flush to ``into``;
+        False once ``parts`` has ended."""
+        for part in parts:
+            if part is None:
+                return True
+            if len(part):
+                into.append(memoryview(part).cast("B"))
+        return False
+
+    async def _send_socket(self, parts: Iterator[p.BytesLike | None],
+                           scope: trio.CancelScope) -> int:
+        """``send_parts`` on a socket: ``sendmsg`` of everything built so far, and
+        the next group built whenever a write leaves bytes behind."""
+        assert self._socket is not None
+        views: list[memoryview] = []
+        more = self._next_group(parts, views)
+        total = 0
+        while views or more:
+            if not views:
+                more = self._next_group(parts, views)
                 continue
-            if small:
-                await self.stream.send_all(b"".join(small))
-                small = []
-                scope.deadline = trio.current_time() + self.stall_timeout
-            if part:
-                await self.stream.send_all(part)
-                scope.deadline = trio.current_time() + self.stall_timeout
+            sent = await self._socket.sendmsg(views[:_IOV_MAX])
+            total += sent
+            scope.deadline = trio.current_time() + self.stall_timeout
+            done = 0
+            while done < len(views) and sent >= len(views[done]):
+                sent -= len(views[done])
+                done += 1
+            del views[:done]
+            if sent:
+                views[0] = views[0][sent:]
+            if views and more:
+                # The socket is full: build the next frames while it drains.
+                more = self._next_group(parts, views)
+        return total
+
+    async def _send_stream(self, parts: Iterator[p.BytesLike | None],
+                           scope: trio.CancelScope) -> int:
+        """``send_parts`` on any other stream (TLS): a group at a time, small pieces
+        joined, every write that makes progress pushing back the deadline."""
+        assert self.stream is not None
+        total = 0
+        more = True
+        while more:
+            group: list[memoryview] = []
+            more = self._next_group(parts, group)
+            small: list[memoryview] = []
+            for part in [*group, memoryview(b"")]:
+                if 0 < len(part) < _COALESCE:
+                    small.append(part)
+                    continue
+                if small:
+                    await self.stream.send_all(b"".join(small))
+                    small = []
+                    scope.deadline = trio.current_time() + self.stall_timeout
+                if part:
+                    await self.stream.send_all(part)
+                    scope.deadline = trio.current_time() + self.stall_timeout
+            total += sum(len(part) for part in group)
         return total
 
     async def aclose(self) -> None:

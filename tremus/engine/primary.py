@@ -67,6 +67,9 @@ __all__ = ["BackupLostError", "PrimarySession"]
 
 #: How long a primary that gives its backup up tries to tell it (END) before closing.
 _END_TIMEOUT = 0.25
+#: A last PAGES frame this large does not fit the socket at once (Linux's loopback
+#: takes 130-260 KiB a write here): it starts leaving before STATE and END are built.
+_SEND_AHEAD_BYTES = 256 << 10
 
 class BackupLostError(Exception):
     """The backup is gone; the message says why."""
@@ -571,10 +574,12 @@ class PrimarySession:
 
         def frames() -> Iterator[p.BytesLike | None]:
             # Built one PAGES frame at a time, each written (``None``: flush) before
-            # the next is coded. STATE and END are built before the last PAGES frame
-            # leaves and go with it: the backup has the whole checkpoint with its
-            # last page. Byte counts are recorded before the last frame leaves: its
-            # ACK may be handled before this task runs again.
+            # the next is coded: the link builds the next one while the socket
+            # drains. STATE and END go with the last PAGES frame (built before its
+            # last bytes leave; the backup has the whole checkpoint with its last
+            # page); a last frame too large for the socket to take at once starts
+            # leaving before they are built. Byte counts are recorded before the
+            # last frame leaves: its ACK may be handled before this task runs again.
             coded = 0
             batches = list(split_batches(pfns, pages, self._page_size))
             for index, (batch_pfns, batch_pages) in enumerate(batches, 1):
@@ -583,10 +588,11 @@ class PrimarySession:
                 checksum = (None if sums is None
                             else int.from_bytes(sums[8 * index - 8 : 8 * index], "little"))
                 parts = conn.send_parts(p.Pages(epoch, batch_pfns, data, codec.name, checksum))
-                if index < len(batches):
+                if index < len(batches) or len(data) >= _SEND_AHEAD_BYTES:
                     record.bytes_sent += sum(len(part) for part in parts)
                     yield from parts
                     yield None
+                    parts = []
             if not batches:
                 parts = []
             parts += conn.send_parts(p.State(epoch, state))
