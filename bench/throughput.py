@@ -27,11 +27,14 @@ straight into the backup's empty replica); and a delta row (a fixed, contiguous 
 where ``effective_gbps`` counts page bytes before coding. Each in two topologies:
 ``one_process`` (backup and sink in this Trio run, so both ends share one thread)
 and ``two_processes`` (backup and sink in a child process: each end has a core, as
-on two hosts). ``stages`` breaks one raw checkpoint down without sockets (framing,
+on two hosts: unless ``--no-pin``, each process is pinned to a CPU of its own, the
+primary's to one and the backup's and sink's to another, as two hosts would give
+them; left to the scheduler, the threads of both ends moved across this machine's
+CPUs and each move started them on cold caches). ``stages`` breaks one raw checkpoint down without sockets (framing,
 parsing, staging, scatter), to show where the time goes; ``--profile`` adds a
 cProfile of the one-process raw checkpoints on stderr.
 
-    python bench/throughput.py [--quick] [--profile]
+    python bench/throughput.py [--quick] [--profile] [--no-pin]
 """
 
 from __future__ import annotations
@@ -239,9 +242,13 @@ async def serve(task_status: trio.TaskStatus[tuple[str, str]] = trio.TASK_STATUS
         task_status.started((backup_listener.url, sink_listener.url))
 
 
-def serve_main() -> None:
-    """``--serve``: the receiving side in its own process; URLs on stdout as JSON."""
+def serve_main(cpu: int | None) -> None:
+    """``--serve``: the receiving side in its own process (on ``cpu``, if given);
+    URLs on stdout as JSON."""
     import json
+
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
@@ -455,12 +462,37 @@ def stage_breakdown(pages: int, reps: int) -> dict[str, Any]:
     return out
 
 
+def pinning_cpus(pin: bool) -> tuple[int, int] | None:
+    """CPUs for (this process, the receiving child) when pinning, else None (not
+    asked, or fewer than two CPUs to run on)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return (allowed[0], allowed[1]) if pin and len(allowed) >= 2 else None
+
+
 async def run_topology(topology: str, ram: int, raw_pages: list[int], delta_pages: int,
                        reps: int, source: mmap.mmap, profile: cProfile.Profile | None,
-                       ) -> list[dict[str, Any]]:
+                       pin: bool = True) -> list[dict[str, Any]]:
     """All rows with the receiving side (backup and sink) in this process
     (``one_process``: both ends share one Trio thread) or in a child process
-    (``two_processes``: each end has its own core, as on two hosts)."""
+    (``two_processes``: each end has its own CPU, as on two hosts)."""
+    cpus = pinning_cpus(pin) if topology == "two_processes" else None
+    allowed = os.sched_getaffinity(0)
+    try:
+        if cpus is not None:
+            os.sched_setaffinity(0, {cpus[0]})
+        rows = await _run_topology(topology, ram, raw_pages, delta_pages, reps, source,
+                                   profile, None if cpus is None else cpus[1])
+    finally:
+        os.sched_setaffinity(0, allowed)
+    for row in rows:
+        row["topology"] = topology
+        row["pinned"] = cpus is not None
+    return rows
+
+
+async def _run_topology(topology: str, ram: int, raw_pages: list[int], delta_pages: int,
+                        reps: int, source: mmap.mmap, profile: cProfile.Profile | None,
+                        child_cpu: int | None) -> list[dict[str, Any]]:
     async with trio.open_nursery() as nursery:
         child: trio.Process | None = None
         if topology == "one_process":
@@ -469,7 +501,8 @@ async def run_topology(topology: str, ram: int, raw_pages: list[int], delta_page
             import json
 
             child = await nursery.start(partial(
-                trio.run_process, [sys.executable, __file__, "--serve"],
+                trio.run_process, [sys.executable, __file__, "--serve",
+                                   *([] if child_cpu is None else ["--cpu", str(child_cpu)])],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE))
             assert child.stdout is not None and child.stdin is not None
             line = b""
@@ -500,12 +533,10 @@ async def run_topology(topology: str, ram: int, raw_pages: list[int], delta_page
             await child.stdin.aclose()
             await child.wait()
         nursery.cancel_scope.cancel()
-    for row in rows:
-        row["topology"] = topology
     return rows
 
 
-async def main(quick: bool, smoke: bool, profile_on: bool) -> None:
+async def main(quick: bool, smoke: bool, profile_on: bool, pin: bool) -> None:
     ram = 128 << 20
     raw_pages = [1024, 4096, 16384, 32768]
     reps = 20 if not quick else 5
@@ -517,7 +548,7 @@ async def main(quick: bool, smoke: bool, profile_on: bool) -> None:
     results: list[dict[str, Any]] = []
     for topology in ("one_process", "two_processes"):
         results += await run_topology(topology, ram, raw_pages, delta_pages, reps, source,
-                                      profile if topology == "one_process" else None)
+                                      profile if topology == "one_process" else None, pin)
     _common.log("throughput: stage breakdown (no sockets)")
     stages = stage_breakdown(256 if smoke else 4096, 10 if quick or smoke else 30)
     _common.log(f"  {stages}")
@@ -531,6 +562,7 @@ async def main(quick: bool, smoke: bool, profile_on: bool) -> None:
         params={"ram_bytes": ram, "page_size": PAGE, "quick": quick, "smoke": smoke,
                 "transport": "tcp://127.0.0.1; one_process: primary and backup in one Trio "
                              "run; two_processes: backup (and sink) in a child process",
+                "pinned_cpus": pinning_cpus(pin),
                 "limit": "Trio TCP stream, same send_all sizes, reader discards, 32-byte ACK",
                 "timing": "domain resumed -> CheckpointAcked (encode, checksums, send, "
                           "backup verify + stage + scatter, ACK)"},
@@ -541,10 +573,13 @@ async def main(quick: bool, smoke: bool, profile_on: bool) -> None:
 if __name__ == "__main__":
     parser = _common.arg_parser(__doc__ or "")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--cpu", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="leave both processes of two_processes to the scheduler")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the engine's raw checkpoints in one process (stderr)")
     args = parser.parse_args()
     if args.serve:
-        serve_main()
+        serve_main(args.cpu)
     else:
-        trio.run(main, args.quick, args.smoke, args.profile)
+        trio.run(main, args.quick, args.smoke, args.profile, args.pin)
