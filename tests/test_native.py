@@ -1024,6 +1024,30 @@ def test_dirty_log_is_clean_before_the_guest_runs(tiny_vm: TinyVM) -> None:
         native.get_dirty_log(tiny_vm.vm, 1, bytearray(5))
 
 
+@needs_kvm
+def test_dirty_log_merged_with_the_vmms_writes_in_one_call(tiny_vm: TinyVM) -> None:
+    """With ``out``, get_dirty_log also merges the VMM's own bitmap (then zeroed) and
+    counts the pages, as dirty_bitmap_merge does."""
+    assert native is not None
+    size = TinyVM.LOGGED_PAGES // 8
+    bitmap, out = bytearray(b"\xff" * size), bytearray(b"\xaa" * size)
+    extra = bytearray(size)
+    extra[0], extra[size - 1] = 0b101, 0x80
+    want = bytes(extra)
+    assert native.get_dirty_log(tiny_vm.vm, 1, bitmap, extra, out) == 3
+    assert bitmap == bytes(size) and out == want and extra == bytes(size)
+    assert native.get_dirty_log(tiny_vm.vm, 1, bitmap, None, out) == 0
+    assert out == bytes(size)
+    with pytest.raises(ValueError, match="out has"):
+        native.get_dirty_log(tiny_vm.vm, 1, bitmap, None, bytearray(size + 8))
+    with pytest.raises(ValueError, match="extra has"):
+        native.get_dirty_log(tiny_vm.vm, 1, bitmap, bytearray(8), out)
+    with pytest.raises(ValueError, match="extra needs out"):
+        native.get_dirty_log(tiny_vm.vm, 1, bitmap, extra)
+    with pytest.raises(OSError):
+        native.get_dirty_log(tiny_vm.vm, 7, bitmap, extra, out)  # no such slot
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("size", [0, 1, 4096, 5 << 20])
 def test_empty_bytearray(impl: ModuleType, size: int) -> None:

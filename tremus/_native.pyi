@@ -7,6 +7,7 @@ Every function that loops over memory releases the GIL.
 """
 
 from typing import Any as Buffer  # collections.abc.Buffer is Python 3.12+
+from typing import overload
 
 PAGE_SIZE: int  # 4096
 
@@ -87,8 +88,14 @@ def memcpy(dst: Buffer, src: Buffer) -> int:
 def kvm_run(vcpu_fd: int) -> int:
     """ioctl(KVM_RUN) with the GIL released; 0 or -errno (e.g. -EINTR after a kick)."""
 
-def get_dirty_log(vm_fd: int, slot: int, bitmap: Buffer) -> None:
-    """KVM_GET_DIRTY_LOG for ``slot`` into the writable ``bitmap``; OSError on failure."""
+@overload
+def get_dirty_log(vm_fd: int, slot: int, bitmap: Buffer) -> None: ...
+@overload
+def get_dirty_log(vm_fd: int, slot: int, bitmap: Buffer, extra: Buffer | None,
+                  out: Buffer) -> int:
+    """KVM_GET_DIRTY_LOG for ``slot`` into the writable ``bitmap``; OSError on failure.
+    With ``out`` (as large as ``bitmap``): also ``dirty_bitmap_merge(bitmap, extra,
+    out)`` in the same call (GIL released), and its count returned."""
 
 def kvm_get_vcpu_state(vcpu_fd: int) -> tuple[bytes, bytes, bytes]:
     """KVM_GET_REGS, KVM_GET_SREGS and KVM_GET_FPU in one call; OSError on failure."""

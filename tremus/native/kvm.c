@@ -52,28 +52,74 @@ static PyObject *bitmap_ioctl(int fd, unsigned long request, void *arg, Py_buffe
     Py_RETURN_NONE;
 }
 
+/* get_dirty_log(vm_fd, slot, bitmap, extra=None, out=None): KVM_GET_DIRTY_LOG into
+ * bitmap. With out (as large as bitmap): also out = bitmap | extra, extra zeroed
+ * (the VMM's own writes), and the count of pages set is returned: the pause's
+ * dirty bitmap in one call. */
 PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"vm_fd", "slot", "bitmap", NULL};
-    int fd;
+    static char *kwlist[] = {"vm_fd", "slot", "bitmap", "extra", "out", NULL};
+    int fd, rc, err = 0;
     unsigned int slot;
-    Py_buffer bm;
+    PyObject *extra_obj = Py_None, *out_obj = Py_None, *result = NULL;
+    Py_buffer bm, extra = {0}, out = {0};
     struct kvm_dirty_log log;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iIO&:get_dirty_log", kwlist, &fd, &slot,
-                                     tn_conv_rw, &bm))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iIO&|OO:get_dirty_log", kwlist, &fd, &slot,
+                                     tn_conv_rw, &bm, &extra_obj, &out_obj))
         return NULL;
     /* KVM writes ceil(slot pages / 64) u64 words; the caller sizes the bitmap
      * from the slot it registered, we can only check it is whole words. */
     if (bm.len == 0 || bm.len % 8 != 0) {
         PyErr_Format(PyExc_ValueError, "bitmap must be a non-empty multiple of 8 bytes, not %zd",
                      bm.len);
-        PyBuffer_Release(&bm);
-        return NULL;
+        goto done;
+    }
+    if (out_obj != Py_None) {
+        if (!tn_conv_rw(out_obj, &out))
+            goto done;
+        if (out.len != bm.len) {
+            PyErr_Format(PyExc_ValueError, "out has %zd bytes, bitmap has %zd", out.len, bm.len);
+            goto done;
+        }
+        if (extra_obj != Py_None) {
+            if (!tn_conv_rw(extra_obj, &extra))
+                goto done;
+            if (extra.len != bm.len) {
+                PyErr_Format(PyExc_ValueError, "extra has %zd bytes, bitmap has %zd", extra.len,
+                             bm.len);
+                goto done;
+            }
+        }
+    } else if (extra_obj != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "extra needs out");
+        goto done;
     }
     memset(&log, 0, sizeof log);
     log.slot = slot;
     log.dirty_bitmap = bm.buf;
-    return bitmap_ioctl(fd, KVM_GET_DIRTY_LOG, &log, &bm, "KVM_GET_DIRTY_LOG");
+    Py_ssize_t count = 0;
+    Py_BEGIN_ALLOW_THREADS
+    rc = ioctl(fd, KVM_GET_DIRTY_LOG, &log);
+    if (rc < 0)
+        err = errno;
+    else if (out.buf != NULL)
+        count = tn_bitmap_merge(bm.buf, extra.buf, out.buf, bm.len);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        errno = err;
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "KVM_GET_DIRTY_LOG");
+    } else if (out.buf != NULL) {
+        result = PyLong_FromSsize_t(count);
+    } else {
+        result = Py_NewRef(Py_None);
+    }
+done:
+    if (extra.buf != NULL)
+        PyBuffer_Release(&extra);
+    if (out.buf != NULL)
+        PyBuffer_Release(&out);
+    PyBuffer_Release(&bm);
+    return result;
 }
 
 /* KVM_CLEAR_DIRTY_LOG over a whole slot of ``pages`` pages: clear the bits set in

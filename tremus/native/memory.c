@@ -156,6 +156,24 @@ done:
     return result;
 }
 
+/* out = bitmap | extra (extra may be NULL, else zeroed); the bits set in out. */
+Py_ssize_t tn_bitmap_merge(const unsigned char *bitmap, unsigned char *extra, unsigned char *out,
+                           Py_ssize_t len) {
+    Py_ssize_t off = 0, count = 0;
+    for (; off + 8 <= len; off += 8) {
+        uint64_t w = bitmap_word(bitmap, extra, off, len);
+        tn_store_le64(out + off, w);
+        count += __builtin_popcountll(w);
+    }
+    for (; off < len; off++) {
+        out[off] = (unsigned char)(bitmap[off] | (extra ? extra[off] : 0));
+        count += __builtin_popcount(out[off]);
+    }
+    if (extra)
+        memset(extra, 0, (size_t)len);
+    return count;
+}
+
 /* dirty_bitmap_merge(bitmap, extra, out) -> count: out = bitmap | extra, extra
  * zeroed, and how many bits are set: one epoch's dirty pages as a bitmap of its
  * own, which copy-on-write protects from in the pause (dirty_bitmap_to_pfns_into
@@ -171,17 +189,7 @@ PyObject *tn_dirty_bitmap_merge(PyObject *self, PyObject *args, PyObject *kw) {
         PyErr_Format(PyExc_ValueError, "out has %zd bytes, bitmap has %zd", out.len, a.bm.len);
         goto done;
     }
-    {
-        const unsigned char *b = a.bm.buf, *e = a.have_extra ? a.ex.buf : NULL;
-        unsigned char *o = out.buf;
-        Py_ssize_t len = a.bm.len, off = 0;
-        for (; off + 8 <= len; off += 8)
-            tn_store_le64(o + off, bitmap_word(b, e, off, len));
-        for (; off < len; off++)
-            o[off] = (unsigned char)(b[off] | (e ? e[off] : 0));
-        if (a.have_extra)
-            memset(a.ex.buf, 0, (size_t)a.ex.len);
-    }
+    tn_bitmap_merge(a.bm.buf, a.have_extra ? a.ex.buf : NULL, out.buf, a.bm.len);
     result = PyLong_FromSsize_t(a.count);
 done:
     dirty_args_release(&a);

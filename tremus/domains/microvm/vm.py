@@ -367,8 +367,8 @@ class MicroVM:
         valid until the next read. Copy-on-write protects them from it in the
         pause; ``dirty_pfns`` lists them after the resume."""
         self._rearm_dirty_log()  # a read that no resume followed
-        self._native.get_dirty_log(self._vm_fd, 0, self._kvm_bitmap)
-        count = impl.dirty_bitmap_merge(self._kvm_bitmap, self._vmm_bitmap, self._dirty_bitmap)
+        count = self._native.get_dirty_log(self._vm_fd, 0, self._kvm_bitmap, self._vmm_bitmap,
+                                           self._dirty_bitmap)
         self._dirty_to_rearm = self._manual_dirty_log
         return memoryview(self._dirty_bitmap), count
 
@@ -488,10 +488,12 @@ class MicroVM:
         # for it right here, in this thread, rather than through the event loop, whose
         # wake-up would lengthen every pause by as much again. If it takes longer
         # (KVM's emulator may notice the signal only at a timer tick), wait there.
-        self._native.spin_until_set(self._park_flags, _PARK_SPIN_NS)
-        with self._cond:
-            self._cond.wait_for(lambda: self._parked or self._want_stop, timeout=_PARK_WAIT)
-            self._suspend_waits_async = not self._parked
+        # Parked in time (the usual case): the flag is set after ``_parked``, which
+        # then needs no lock to read.
+        if not (self._native.spin_until_set(self._park_flags, _PARK_SPIN_NS) and self._parked):
+            with self._cond:
+                self._cond.wait_for(lambda: self._parked or self._want_stop, timeout=_PARK_WAIT)
+                self._suspend_waits_async = not self._parked
         if self._suspend_waits_async:
             try:
                 await self._parked_event.wait()
