@@ -23,16 +23,21 @@ Per row, medians over the epochs:
   the Trio thread), ``dirty_log_us`` (read the dirty log as a bitmap: with KVM's manual
   dirty-log protection, clearing it is left to ``resume``, or under copy-on-write to
   the copy after it), ``capture_us`` (copy: list the pfns and copy the pages; cow:
-  write-protect them from the bitmap, the pfns listed after the resume),
+  hand the write-protect of their units over to the parked vCPU thread, which runs
+  it on its own CPU while this thread goes on; the pfns are listed after the
+  resume),
   ``state_us`` (snapshot the vCPU and device state; encoding it waits until after
   the resume, as in the engine), ``release_us`` (state saved -> resume
-  released the vCPU: copy rows clear the dirty log there), ``reentry_us``
+  released the vCPU: copy rows clear the dirty log there, cow rows wait there for
+  the write-protect to be done), ``reentry_us``
   (released -> the vCPU thread back in KVM_RUN). They add up to ``pause_us`` roughly;
 * cow only, what the guest pays after the pause: ``copy_us`` (the copy after resume),
   ``cow_faults`` / ``cow_faults_max`` (guest writes per epoch that waited for their
   unit) and ``fault_serve_us_max`` (the longest time serving one such fault: copying
   the unit's dirty pages not yet copied; the writer also waited for the copy loop to
-  look, at most one step of 64 pages or one unit).
+  look, at most one step of 64 pages or one unit), and ``protect_on_parked_thread``
+  (the share of the epochs whose write-protect the parked vCPU thread ran; the
+  others ran in the thread that waited for it).
 
 Target: cow pause <= 200 us at every D (Remus: ~4.4 ms at 1024 on 2008 hardware).
 """
@@ -124,6 +129,8 @@ async def measure(pages: int, epochs: int, method: str) -> dict[str, float | int
             "cow_faults_max": max(c.faults for c in copies),
             "fault_serve_us_max": round(max(c.serve_max_us for c in copies), 1),
             "unit_pages": cow.unit_pages if cow is not None else 1,
+            "protect_on_parked_thread": round(
+                cow.protects_on_parked_thread / (len(copies) + 1), 2) if cow is not None else 0,
         })
     return row
 

@@ -32,11 +32,11 @@ PAGE = 4096
 PAGES = 256
 
 
-def _cow_or_skip(ram: mmap.mmap) -> CopyOnWrite:
+def _cow_or_skip(ram: mmap.mmap, parked_work: mmap.mmap | None = None) -> CopyOnWrite:
     if native is None:
         pytest.skip("copy-on-write needs the native helper")
     try:
-        return CopyOnWrite(ram)
+        return CopyOnWrite(ram, parked_work=parked_work)
     except OSError as exc:
         pytest.skip(f"no userfaultfd write-protect here: {exc}")
 
@@ -172,17 +172,20 @@ def _write_protected(ram: mmap.mmap) -> list[int]:
     return [pfn for pfn, entry in enumerate(entries) if entry >> 57 & 1]
 
 
-@pytest.mark.parametrize("from_bitmap", [False, True], ids=["pfns", "bitmap"])
+@pytest.mark.parametrize("source", ["pfns", "bitmap", "posted"])
 @pytest.mark.parametrize("unit_pages", [1, 8, 64])
 def test_exactly_the_units_holding_a_dirty_page_are_protected(unit_pages: int,
-                                                              from_bitmap: bool) -> None:
-    """Runs of whole units, found without reading every pfn (or from a bitmap):
-    dense units, sparse ones, gaps of one unit and more, the first and last pages,
-    units cut by the mapping's alignment; every one released by the copy."""
+                                                              source: str) -> None:
+    """Runs of whole units, found without reading every pfn (or from a bitmap, or
+    from a bitmap posted to a parked work slot that no thread serves: the owner's
+    wait runs it): dense units, sparse ones, gaps of one unit and more, the first
+    and last pages, units cut by the mapping's alignment; every one released by the
+    copy."""
     pages = 1000  # not a whole number of bitmap words
     ram = mmap.mmap(-1, pages * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     ram[:] = os.urandom(len(ram))
-    cow = _cow_or_skip(ram)
+    slot = mmap.mmap(-1, mmap.PAGESIZE) if source == "posted" else None
+    cow = _cow_or_skip(ram, slot)
     cow.unit_pages = unit_pages
     shift = ctypes.addressof(ctypes.c_char.from_buffer(ram)) // PAGE % unit_pages
     rng = random.Random(unit_pages)
@@ -192,11 +195,15 @@ def test_exactly_the_units_holding_a_dirty_page_are_protected(unit_pages: int,
             units = {(pfn + shift) // unit_pages for pfn in dirty}
             expected = [pfn for pfn in range(pages) if (pfn + shift) // unit_pages in units]
             pfns = array("Q", dirty).tobytes()
-            if from_bitmap:
+            if source == "pfns":
+                cow.protect(pfns)
+            else:
                 bits = sum(1 << pfn for pfn in dirty) | 1 << (pages + 5)  # past the end: ignored
                 cow.protect_bitmap(bits.to_bytes(8 * -(-(pages + 6) // 64), "little"))
-            else:
-                cow.protect(pfns)
+            if slot is not None:
+                assert _write_protected(ram) == []  # posted, not run yet
+                assert native is not None
+                native.parked_work_wait(slot)
             at_protect = bytes(ram)
             assert _write_protected(ram) == expected, density
             staging = bytearray(len(dirty) * PAGE)
@@ -204,52 +211,75 @@ def test_exactly_the_units_holding_a_dirty_page_are_protected(unit_pages: int,
             assert _write_protected(ram) == []
             for k, pfn in enumerate(dirty):
                 assert staging[k * PAGE : (k + 1) * PAGE] == at_protect[pfn * PAGE : (pfn + 1) * PAGE]
+        assert cow.protects_on_parked_thread == 0
     finally:
         cow.close()
         ram.close()
 
 
-def test_the_copy_computes_frame_checksums_in_order_whoever_copied_a_page() -> None:
-    """Each frame's checksum covers its pages as they were at the protect, in staging
-    order, also for pages a faulting writer had copied ahead of the sweep; and a
-    copy whose arguments are refused still releases every page."""
+def test_a_parked_thread_runs_the_protect_posted_to_it() -> None:
+    """``kvm_wait_run`` (here without a vCPU) runs the protect posted to its slot
+    while it waits to be released: the units are protected without the poster doing
+    anything, the copy finds it done by the parked thread, and the thread is then
+    released as before."""
     ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    ram[:] = os.urandom(PAGES * PAGE)
-    cow = _cow_or_skip(ram)
-    cow.run_pages = 4  # writers are served often: their pages are copied out of order
+    ram[:] = os.urandom(len(ram))
+    slot = mmap.mmap(-1, mmap.PAGESIZE)
+    cow = _cow_or_skip(ram, slot)
+    assert native is not None
+    wake = os.eventfd(0, os.EFD_NONBLOCK)
+    flags = bytearray(8)
+    flags[4:8] = (-1).to_bytes(4, "little", signed=True)
+    result: list[tuple[int, int]] = []
+    parked = threading.Thread(target=lambda: result.append(native.kvm_wait_run(
+        wake, -1, flags, 30_000_000_000, work=slot)))
+    parked.start()
     try:
-        dirty = list(range(1, PAGES, 2))
-        pfns = array("Q", dirty).tobytes()
-        batch = 16
-        cow.protect(pfns)
+        while not flags[0]:
+            time.sleep(0.001)
+        dirty = [3, 4, 100, PAGES - 1]
+        cow.protect_bitmap(sum(1 << pfn for pfn in dirty).to_bytes(PAGES // 8, "little"))
+        deadline = time.monotonic() + 10
+        while _write_protected(ram) != dirty:  # done by the parked thread
+            assert time.monotonic() < deadline, _write_protected(ram)
+            time.sleep(0.001)
         at_protect = bytes(ram)
-        late = dirty[-3:]  # near the end of the sweep: a fault copies them first
-
-        def write(pfn: int) -> None:
-            impl.memcpy(memoryview(ram)[pfn * PAGE : pfn * PAGE + 8], b"written!")
-
-        writers = [threading.Thread(target=write, args=(pfn,)) for pfn in late]
-        for writer in writers:
-            writer.start()
-        _wait_until_blocked(writers)
         staging = bytearray(len(dirty) * PAGE)
-        sums = bytearray(8 * -(-len(dirty) // batch))
-        stats = cow.copy(pfns, staging, sums, batch)
-        for writer in writers:
-            writer.join(5)
-            assert not writer.is_alive()
-        assert stats.faults >= 1
-        staged_at_protect = b"".join(at_protect[p * PAGE : (p + 1) * PAGE] for p in dirty)
-        assert bytes(staging) == staged_at_protect
-        want = [impl.hash64(staged_at_protect[first * PAGE : (first + batch) * PAGE],
-                            impl.hash64(pfns[8 * first : 8 * (first + batch)]))
-                for first in range(0, len(dirty), batch)]
-        assert list(array("Q", sums)) == want
-
-        cow.protect(pfns)
-        with pytest.raises(ValueError, match="checksums has 8 bytes"):
-            cow.copy(pfns, staging, bytearray(8), batch)
+        cow.copy(array("Q", dirty).tobytes(), staging)
+        assert cow.protects_on_parked_thread == 1
         assert _write_protected(ram) == []
+        assert bytes(staging) == b"".join(at_protect[p * PAGE : (p + 1) * PAGE] for p in dirty)
+    finally:
+        flags[1] = 1
+        os.eventfd_write(wake, 1)
+        parked.join(10)
+        os.close(wake)
+        cow.close()
+        ram.close()
+    assert not parked.is_alive() and result and result[0][0] == 0
+
+
+def test_a_parked_work_slot_holds_one_protect_at_a_time() -> None:
+    ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    slot = mmap.mmap(-1, mmap.PAGESIZE)
+    cow = _cow_or_skip(ram, slot)
+    assert native is not None
+    try:
+        with pytest.raises(ValueError, match="no protect was posted"):
+            native.wp_protect_bitmap_finish(slot)
+        native.parked_work_wait(slot)  # nothing posted: returns at once
+        with pytest.raises(ValueError, match="16-byte aligned buffer of"):
+            native.parked_work_wait(bytearray(8))
+        with pytest.raises(ValueError, match=f"bitmap has 8 bytes, {PAGES} pages need 32"):
+            cow.protect_bitmap(bytes(8))
+        bitmap = (1 << 7).to_bytes(PAGES // 8, "little")
+        cow.protect_bitmap(bitmap)
+        with pytest.raises(ValueError, match="not finished"):
+            cow.protect_bitmap(bitmap)
+        staging = bytearray(PAGE)
+        cow.copy(array("Q", [7]).tobytes(), staging)  # runs it, copies, releases
+        assert staging == ram[7 * PAGE : 8 * PAGE] and _write_protected(ram) == []
+        assert cow.protects_on_parked_thread == 0
     finally:
         cow.close()
         ram.close()

@@ -54,7 +54,7 @@ class CopyOnWrite:
     min_pages = 64
 
     def __init__(self, ram: Any, *, unit_pages: int = 1,
-                 rearm: Callable[[], None] | None = None) -> None:
+                 rearm: Callable[[], None] | None = None, parked_work: Any = None) -> None:
         if native is None:
             raise OSError("copy-on-write needs the native helper (tremus._native)")
         self._ram = ram
@@ -65,6 +65,15 @@ class CopyOnWrite:
         self.unit_pages = unit_pages
         self._rearm = rearm
         self._rearm_due = False
+        #: A parked work slot of the owner (``native.kvm_wait_run``'s ``work``):
+        #: ``protect_bitmap`` is then posted to its parked vCPU thread and runs on
+        #: that thread's CPU while the pause goes on; the owner waits for it
+        #: (``native.parked_work_wait``) before it lets the guest run.
+        self._parked_work = parked_work
+        #: ram and bitmap of a posted protect, held until it is finished.
+        self._posted: tuple[memoryview, memoryview] | None = None
+        #: Protects the parked thread ran (the others ran in ``copy``'s thread).
+        self.protects_on_parked_thread = 0
         self._fd = native.wp_open(ram)
 
     @property
@@ -90,8 +99,27 @@ class CopyOnWrite:
         """``protect`` for the pages set in ``bitmap`` (bit ``i`` of little-endian u64
         word ``i // 64`` is page ``i``); ``copy`` then takes their pfns."""
         assert native is not None
-        native.wp_protect_bitmap(self._fd, self._ram, bitmap, self.unit_pages)
+        if self._parked_work is None:
+            native.wp_protect_bitmap(self._fd, self._ram, bitmap, self.unit_pages)
+        else:
+            posted = (memoryview(self._ram), memoryview(bitmap))
+            native.wp_protect_bitmap_post(self._parked_work, self._fd, *posted, self.unit_pages)
+            self._posted = posted
         self._rearm_due = self._rearm is not None
+
+    def _finish_protect(self) -> None:
+        """The posted protect, done (here if nobody ran it yet); OSError if it failed
+        (what it protected is lifted again)."""
+        assert native is not None
+        posted, self._posted = self._posted, None
+        if posted is None:
+            return
+        try:
+            _, on_parked_thread = native.wp_protect_bitmap_finish(self._parked_work)
+            self.protects_on_parked_thread += on_parked_thread
+        finally:
+            for view in posted:
+                view.release()
 
     def copy(self, pfns: Any, staging: Any, checksums: Any = None,
              batch_pages: int = 0) -> CopyStats:
@@ -101,10 +129,13 @@ class CopyOnWrite:
         computed as they are copied (see ``gather``)."""
         assert native is not None
         try:
-            if self._rearm_due:
-                self._rearm_due = False
-                assert self._rearm is not None
-                self._rearm()
+            try:
+                self._finish_protect()
+            finally:
+                if self._rearm_due:
+                    self._rearm_due = False
+                    assert self._rearm is not None
+                    self._rearm()
         finally:
             faults, serve_ns, serve_max_ns, copy_ns = native.wp_copy(
                 self._fd, self._ram, pfns, staging, self.run_pages, self.unit_pages,
@@ -112,6 +143,11 @@ class CopyOnWrite:
         return CopyStats(faults, serve_ns / 1e3, serve_max_ns / 1e3, copy_ns / 1e3)
 
     def close(self) -> None:
+        if self._posted is not None:  # never copied: nothing may be left protected
+            try:
+                self._finish_protect()
+            except OSError:
+                pass
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

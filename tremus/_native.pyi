@@ -101,14 +101,16 @@ def kvm_get_vcpu_state(vcpu_fd: int) -> tuple[bytes, bytes, bytes]:
     """KVM_GET_REGS, KVM_GET_SREGS and KVM_GET_FPU in one call; OSError on failure."""
 
 def kvm_wait_run(wait_fd: int, vcpu_fd: int, flags: Buffer, spin_ns: int = 0,
-                 save_fd: int = -1, state: Buffer | None = None) -> tuple[int, int]:
+                 save_fd: int = -1, state: Buffer | None = None,
+                 work: Buffer | None = None) -> tuple[int, int]:
     """Park (GIL released): set ``flags[0]``; with ``save_fd`` >= 0 read that vCPU's
     kvm_regs, kvm_sregs and kvm_fpu into ``state`` and set ``flags[2]`` (``flags[3]``:
     errno & 0xff of a failed read, else 0); wait until ``flags[1]`` is set (spinning
     up to ``spin_ns``, then sleeping on the eventfd ``wait_fd``, written after it;
     sleeping at once if ``flags[4:8]`` holds, as an int32, the CPU this thread is on),
-    then KVM_RUN at once (skipped if ``vcpu_fd`` < 0). Returns (0 or -errno,
-    CLOCK_MONOTONIC ns at the end of the wait)."""
+    then KVM_RUN at once (skipped if ``vcpu_fd`` < 0). While it spins it runs the
+    work posted to the slot ``work`` (``wp_protect_bitmap_post``), if any. Returns
+    (0 or -errno, CLOCK_MONOTONIC ns at the end of the wait)."""
 
 def clear_dirty_log(vm_fd: int, slot: int, bitmap: Buffer, pages: int) -> None:
     """KVM_CLEAR_DIRTY_LOG over a whole slot of ``pages`` pages: clear the bits set in
@@ -119,6 +121,13 @@ def current_cpu() -> int:
 
 def spin_until_set(flag: Buffer, timeout_ns: int) -> bool:
     """Spin (GIL released) until ``flag[0]`` is non-zero, or ``timeout_ns`` passed."""
+
+#: The size of a parked work slot (a 16-byte aligned writable buffer at least this large).
+PARKED_WORK_SLOT_BYTES: int
+
+def parked_work_wait(slot: Buffer) -> None:
+    """Once it returns, the work posted to ``slot`` (if any) is done: run here if the
+    parked thread has not started it, else waited for (GIL released)."""
 
 def install_kick_handler(signum: int) -> None:
     """Install a no-op handler for ``signum`` without SA_RESTART (process-wide)."""
@@ -143,6 +152,17 @@ def wp_protect(fd: int, ram: Buffer, pfns: Buffer, unit_pages: int = 1) -> int:
 def wp_protect_bitmap(fd: int, ram: Buffer, bitmap: Buffer, unit_pages: int = 1) -> int:
     """``wp_protect`` for the pages whose bit is set in ``bitmap`` (bit ``i`` of
     little-endian u64 word ``i // 64`` is page ``i``), without a pfn list."""
+
+def wp_protect_bitmap_post(slot: Buffer, fd: int, ram: Buffer, bitmap: Buffer,
+                           unit_pages: int = 1) -> None:
+    """Post ``wp_protect_bitmap`` to the parked work slot ``slot`` (a parked
+    ``kvm_wait_run`` runs it); ``ram`` and ``bitmap`` must stay as they are until
+    ``wp_protect_bitmap_finish``. ValueError if the slot holds unfinished work."""
+
+def wp_protect_bitmap_finish(slot: Buffer) -> tuple[int, bool]:
+    """The posted protect, done (run here if nobody took it): (ioctls made, whether
+    the parked thread ran it); OSError as ``wp_protect_bitmap`` would raise. The slot
+    is then free."""
 
 def wp_copy(fd: int, ram: Buffer, pfns: Buffer, staging: Buffer, run_pages: int = 64,
             unit_pages: int = 1, checksums: Buffer | None = None,

@@ -263,6 +263,49 @@ static uint64_t next_set_bit(const unsigned char *bm, uint64_t from, uint64_t li
     return limit;
 }
 
+/* Protect the units of the pages set in bm, one ioctl per run of consecutive units. */
+static void protect_bitmap_units(struct protecting *prot, const struct units *u,
+                                 const unsigned char *bm) {
+    uint64_t pages = u->pages;
+    uint64_t page = next_set_bit(bm, 0, pages);
+    while (page < pages && !prot->failed) {
+        /* A run of consecutive units, each holding a dirty page. */
+        uint64_t a = unit_of(u, page), b = a, first, end;
+        for (;;) {
+            uint64_t next_first, next_end;
+            unit_span(u, b + 1, b + 1, &next_first, &next_end);
+            if (next_first >= pages || next_set_bit(bm, next_first, next_end) >= next_end)
+                break;
+            b++;
+        }
+        unit_span(u, a, b, &first, &end);
+        protect_run(prot, first, end);
+        page = next_set_bit(bm, end, pages);
+    }
+}
+
+/* Parse (fd, ram, bitmap, unit_pages) and check the bitmap covers ram. */
+static int protect_bitmap_args(PyObject *args, PyObject *kw, const char *format, char **kwlist,
+                               PyObject **slot, int *fd, Py_buffer *ram, Py_buffer *bitmap,
+                               struct units *u) {
+    Py_ssize_t unit_pages = 1;
+    int ok = slot != NULL
+        ? PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, slot, fd, tn_conv_rw, ram,
+                                      tn_conv_ro, bitmap, &unit_pages)
+        : PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, fd, tn_conv_rw, ram,
+                                      tn_conv_ro, bitmap, &unit_pages);
+    if (!ok)
+        return 0;
+    *u = units_of(ram, unit_pages);
+    uint64_t words = (u->pages + 63) / 64;
+    if ((uint64_t)bitmap->len < 8 * words) {
+        PyErr_Format(PyExc_ValueError, "bitmap has %zd bytes, %llu pages need %llu", bitmap->len,
+                     (unsigned long long)u->pages, (unsigned long long)(8 * words));
+        return 0;
+    }
+    return 1;
+}
+
 /* wp_protect_bitmap(fd, ram, bitmap, unit_pages=1) -> ioctls made
  *
  * wp_protect for the pages whose bit is set in bitmap (bit i of little-endian u64
@@ -272,43 +315,116 @@ static uint64_t next_set_bit(const unsigned char *bm, uint64_t from, uint64_t li
 PyObject *tn_wp_protect_bitmap(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"fd", "ram", "bitmap", "unit_pages", NULL};
     int fd;
-    Py_ssize_t unit_pages = 1;
     Py_buffer ram = {0}, bitmap = {0};
+    struct units u;
     PyObject *result = NULL;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&O&|n:wp_protect_bitmap", kwlist, &fd,
-                                     tn_conv_rw, &ram, tn_conv_ro, &bitmap, &unit_pages))
+    if (protect_bitmap_args(args, kw, "iO&O&|n:wp_protect_bitmap", kwlist, NULL, &fd, &ram,
+                            &bitmap, &u)) {
+        struct protecting prot = {.fd = fd, .base = (uint64_t)(uintptr_t)ram.buf};
+        Py_BEGIN_ALLOW_THREADS
+        protect_bitmap_units(&prot, &u, bitmap.buf);
+        Py_END_ALLOW_THREADS
+        result = protected_result(&prot);
+    }
+    PyBuffer_Release(&ram);
+    PyBuffer_Release(&bitmap);
+    return result;
+}
+
+/* wp_protect_bitmap posted to a parked vCPU thread (see struct tn_parked_work): the
+ * write-protect, the longest step of a large epoch's pause, runs on that thread's
+ * CPU while the pausing thread snapshots the state. The caller keeps ram and bitmap
+ * alive and unchanged until wp_protect_bitmap_finish. */
+struct wp_job {
+    struct tn_parked_work work;
+    struct protecting prot;
+    struct units units;
+    const unsigned char *bitmap;
+};
+
+static void wp_job_run(struct tn_parked_work *work) {
+    struct wp_job *job = (struct wp_job *)work;
+    protect_bitmap_units(&job->prot, &job->units, job->bitmap);
+}
+
+void *tn_parked_work_slot(PyObject *obj, Py_buffer *view, size_t size) {
+    if (!tn_conv_rw(obj, view))
         return NULL;
-    struct units u = units_of(&ram, unit_pages);
-    uint64_t pages = u.pages, words = (pages + 63) / 64;
-    if ((uint64_t)bitmap.len < 8 * words) {
-        PyErr_Format(PyExc_ValueError, "bitmap has %zd bytes, %llu pages need %llu", bitmap.len,
-                     (unsigned long long)pages, (unsigned long long)(8 * words));
+    if ((size_t)view->len < size || (uintptr_t)view->buf % 16 != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "a parked work slot is a 16-byte aligned buffer of %zu bytes or more",
+                     size);
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    return view->buf;
+}
+
+_Static_assert(sizeof(struct wp_job) <= TN_PARKED_WORK_SLOT_BYTES, "parked work slot too small");
+
+/* wp_protect_bitmap_post(slot, fd, ram, bitmap, unit_pages=1): post the protect. */
+PyObject *tn_wp_protect_bitmap_post(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"slot", "fd", "ram", "bitmap", "unit_pages", NULL};
+    PyObject *slot_obj = NULL, *result = NULL;
+    Py_buffer slot = {0}, ram = {0}, bitmap = {0};
+    struct units u;
+    int fd;
+    (void)self;
+    if (!protect_bitmap_args(args, kw, "OiO&O&|n:wp_protect_bitmap_post", kwlist, &slot_obj, &fd,
+                             &ram, &bitmap, &u))
         goto done;
+    struct wp_job *job = tn_parked_work_slot(slot_obj, &slot, sizeof *job);
+    if (job == NULL)
+        goto done;
+    uint32_t state = __atomic_load_n(&job->work.state, __ATOMIC_ACQUIRE);
+    if (state == TN_WORK_POSTED || state == TN_WORK_TAKEN) {
+        PyErr_SetString(PyExc_ValueError, "the slot holds work not finished yet");
+    } else {
+        memset(job, 0, sizeof *job);
+        job->work.run = wp_job_run;
+        job->prot.fd = fd;
+        job->prot.base = (uint64_t)(uintptr_t)ram.buf;
+        job->units = u;
+        job->bitmap = bitmap.buf;
+        __atomic_store_n(&job->work.state, TN_WORK_POSTED, __ATOMIC_RELEASE);
+        result = Py_NewRef(Py_None);
     }
-    const unsigned char *bm = bitmap.buf;
-    struct protecting prot = {.fd = fd, .base = (uint64_t)(uintptr_t)ram.buf};
-    Py_BEGIN_ALLOW_THREADS
-    uint64_t page = next_set_bit(bm, 0, pages);
-    while (page < pages && !prot.failed) {
-        /* A run of consecutive units, each holding a dirty page. */
-        uint64_t a = unit_of(&u, page), b = a, first, end;
-        for (;;) {
-            uint64_t next_first, next_end;
-            unit_span(&u, b + 1, b + 1, &next_first, &next_end);
-            if (next_first >= pages || next_set_bit(bm, next_first, next_end) >= next_end)
-                break;
-            b++;
-        }
-        unit_span(&u, a, b, &first, &end);
-        protect_run(&prot, first, end);
-        page = next_set_bit(bm, end, pages);
-    }
-    Py_END_ALLOW_THREADS
-    result = protected_result(&prot);
+    PyBuffer_Release(&slot);
 done:
     PyBuffer_Release(&ram);
     PyBuffer_Release(&bitmap);
+    return result;
+}
+
+/* wp_protect_bitmap_finish(slot) -> (ioctls made, ran on the parked thread): done
+ * once it returns (run here if nobody took it), as wp_protect_bitmap would have
+ * returned; the slot is idle again. */
+PyObject *tn_wp_protect_bitmap_finish(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"slot", NULL};
+    PyObject *slot_obj, *result = NULL;
+    Py_buffer slot = {0};
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O:wp_protect_bitmap_finish", kwlist, &slot_obj))
+        return NULL;
+    struct wp_job *job = tn_parked_work_slot(slot_obj, &slot, sizeof *job);
+    if (job == NULL)
+        return NULL;
+    if (__atomic_load_n(&job->work.state, __ATOMIC_ACQUIRE) == TN_WORK_IDLE ||
+        job->work.run != wp_job_run) {
+        PyErr_SetString(PyExc_ValueError, "no protect was posted to this slot");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    tn_parked_work_wait(&job->work);
+    Py_END_ALLOW_THREADS
+    PyObject *protected = protected_result(&job->prot);
+    if (protected != NULL) {
+        result = Py_BuildValue("(NO)", protected, job->work.by_parked ? Py_True : Py_False);
+    }
+    __atomic_store_n(&job->work.state, TN_WORK_IDLE, __ATOMIC_RELEASE);
+done:
+    PyBuffer_Release(&slot);
     return result;
 }
 

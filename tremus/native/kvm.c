@@ -298,6 +298,49 @@ static int spin_until(const unsigned char *flag, long long timeout_ns) {
     }
 }
 
+/* spin_until for the release flag, running the work posted meanwhile (if any). */
+static int spin_until_released(const unsigned char *released, struct tn_parked_work *work,
+                               long long timeout_ns) {
+    struct timespec start, now;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (unsigned int n = 1;; n++) {
+        if (work != NULL && tn_parked_work_try_run(work, 1))
+            clock_gettime(CLOCK_MONOTONIC, &start); /* the wait starts again */
+        if (__atomic_load_n(released, __ATOMIC_ACQUIRE))
+            return 1;
+        if (n % 4 == 0) {
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            if ((now.tv_sec - start.tv_sec) * 1000000000LL + (now.tv_nsec - start.tv_nsec) >=
+                timeout_ns)
+                return 0;
+        }
+        sched_yield();
+    }
+}
+
+/* parked_work_wait(slot): once it returns, the work posted to slot (if any) is done:
+ * run here if the parked thread has not started it, else waited for. The owner of a
+ * parked thread calls it before releasing the thread. */
+PyObject *tn_py_parked_work_wait(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"slot", NULL};
+    PyObject *slot_obj;
+    Py_buffer view = {0};
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O:parked_work_wait", kwlist, &slot_obj))
+        return NULL;
+    struct tn_parked_work *work = tn_parked_work_slot(slot_obj, &view, TN_PARKED_WORK_SLOT_BYTES);
+    if (work == NULL)
+        return NULL;
+    if (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) != TN_WORK_IDLE &&
+        __atomic_load_n(&work->state, __ATOMIC_ACQUIRE) != TN_WORK_DONE) {
+        Py_BEGIN_ALLOW_THREADS
+        tn_parked_work_wait(work);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 /* Let the calling thread run anywhere it may except on cpu (saving its affinity in
  * *original); the kernel moves it at once. 1 if it moved, 0 if it may not. */
 static int move_away_from(int cpu, cpu_set_t *original) {
@@ -334,16 +377,19 @@ static int move_away_from(int cpu, cpu_set_t *original) {
  * With ``vcpu_fd`` < 0 it only waits. Returns (KVM_RUN result or -errno,
  * CLOCK_MONOTONIC ns when the wait ended). */
 PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"wait_fd", "vcpu_fd", "flags", "spin_ns", "save_fd", "state", NULL};
+    static char *kwlist[] = {"wait_fd", "vcpu_fd", "flags", "spin_ns", "save_fd", "state",
+                             "work", NULL};
     int wait_fd, vcpu_fd, save_fd = -1, rc = 0, err = 0;
-    PyObject *state_obj = Py_None;
-    Py_buffer state = {0};
+    PyObject *state_obj = Py_None, *work_obj = Py_None;
+    Py_buffer state = {0}, work_view = {0};
+    struct tn_parked_work *work = NULL;
     long long spin_ns = 0;
     struct timespec ts;
     Py_buffer flags;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiw*|LiO:kvm_wait_run", kwlist, &wait_fd,
-                                     &vcpu_fd, &flags, &spin_ns, &save_fd, &state_obj))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiw*|LiOO:kvm_wait_run", kwlist, &wait_fd,
+                                     &vcpu_fd, &flags, &spin_ns, &save_fd, &state_obj,
+                                     &work_obj))
         return NULL;
     if (flags.len < (save_fd >= 0 ? 4 : 2)) {
         PyBuffer_Release(&flags);
@@ -361,6 +407,15 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
             PyErr_Format(PyExc_ValueError, "state must hold %zu bytes, not %zd",
                          (size_t)VCPU_STATE_SIZE, state.len);
             PyBuffer_Release(&state);
+            PyBuffer_Release(&flags);
+            return NULL;
+        }
+    }
+    if (work_obj != Py_None) {
+        work = tn_parked_work_slot(work_obj, &work_view, TN_PARKED_WORK_SLOT_BYTES);
+        if (work == NULL) {
+            if (save_fd >= 0)
+                PyBuffer_Release(&state);
             PyBuffer_Release(&flags);
             return NULL;
         }
@@ -391,7 +446,7 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
         if (!moved)
             spin_ns = 0;
     }
-    if (spin_ns <= 0 || !spin_until(released, spin_ns)) {
+    if (spin_ns <= 0 || !spin_until_released(released, work, spin_ns)) {
         while (!__atomic_load_n(released, __ATOMIC_ACQUIRE)) {
             uint64_t value;
             struct pollfd pfd = {.fd = wait_fd, .events = POLLIN};
@@ -418,6 +473,8 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
     Py_END_ALLOW_THREADS
     if (save_fd >= 0)
         PyBuffer_Release(&state);
+    if (work != NULL)
+        PyBuffer_Release(&work_view);
     PyBuffer_Release(&flags);
     return Py_BuildValue("(lL)", rc < 0 ? -(long)err : (long)rc,
                          (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);

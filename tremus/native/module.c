@@ -80,12 +80,14 @@ static PyMethodDef methods[] = {
     {"kvm_get_vcpu_state", KW tn_kvm_get_vcpu_state, METH_VARARGS | METH_KEYWORDS,
      "kvm_get_vcpu_state(vcpu_fd) -> (regs, sregs, fpu) as bytes"},
     {"kvm_wait_run", KW tn_kvm_wait_run, METH_VARARGS | METH_KEYWORDS,
-     "kvm_wait_run(wait_fd, vcpu_fd, flags, spin_ns=0, save_fd=-1, state=None) -> (0 or -errno, resumed_ns)"},
+     "kvm_wait_run(wait_fd, vcpu_fd, flags, spin_ns=0, save_fd=-1, state=None, work=None) -> (0 or -errno, resumed_ns)"},
     {"clear_dirty_log", KW tn_clear_dirty_log, METH_VARARGS | METH_KEYWORDS,
      "clear_dirty_log(vm_fd, slot, bitmap, pages) -> None"},
     {"current_cpu", tn_current_cpu, METH_NOARGS, "current_cpu() -> int"},
     {"spin_until_set", KW tn_spin_until_set, METH_VARARGS | METH_KEYWORDS,
      "spin_until_set(flag, timeout_ns) -> bool"},
+    {"parked_work_wait", KW tn_py_parked_work_wait, METH_VARARGS | METH_KEYWORDS,
+     "parked_work_wait(slot) -> None"},
     {"install_kick_handler", KW tn_install_kick_handler, METH_VARARGS | METH_KEYWORDS,
      "install_kick_handler(signum) -> None"},
     {"kick", KW tn_kick, METH_VARARGS | METH_KEYWORDS,
@@ -98,6 +100,10 @@ static PyMethodDef methods[] = {
      "wp_protect(fd, ram, pfns, unit_pages=1) -> ioctls made"},
     {"wp_protect_bitmap", KW tn_wp_protect_bitmap, METH_VARARGS | METH_KEYWORDS,
      "wp_protect_bitmap(fd, ram, bitmap, unit_pages=1) -> ioctls made"},
+    {"wp_protect_bitmap_post", KW tn_wp_protect_bitmap_post, METH_VARARGS | METH_KEYWORDS,
+     "wp_protect_bitmap_post(slot, fd, ram, bitmap, unit_pages=1) -> None"},
+    {"wp_protect_bitmap_finish", KW tn_wp_protect_bitmap_finish, METH_VARARGS | METH_KEYWORDS,
+     "wp_protect_bitmap_finish(slot) -> (ioctls made, ran on the parked thread)"},
     {"wp_copy", KW tn_wp_copy, METH_VARARGS | METH_KEYWORDS,
      "wp_copy(fd, ram, pfns, staging, run_pages=64, unit_pages=1, checksums=None, "
      "batch_pages=0) -> (faults, serve_ns, serve_max_ns, copy_ns)"},
@@ -118,6 +124,7 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (m == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "PAGE_SIZE", TREMUS_PAGE_SIZE) < 0 ||
+        PyModule_AddIntConstant(m, "PARKED_WORK_SLOT_BYTES", TN_PARKED_WORK_SLOT_BYTES) < 0 ||
         PyType_Ready(&tn_Hash64Type) < 0 ||
         PyModule_AddObjectRef(m, "Hash64", (PyObject *)&tn_Hash64Type) < 0) {
         Py_DECREF(m);

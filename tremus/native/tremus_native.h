@@ -51,6 +51,49 @@ static inline void tn_store_le16(unsigned char *p, uint16_t v) {
     memcpy(p, &v, 2);
 }
 
+/* Work handed to a parked vCPU thread: kvm_wait_run runs work posted to it while it
+ * waits to be released, on its own CPU, while the pause goes on in the thread that
+ * posted it. Whoever then needs the work done takes it back and runs it itself if the
+ * parked thread has not started it (parked_work_wait): posted work is always done,
+ * by exactly one thread. A job embeds this header first. */
+enum { TN_WORK_IDLE, TN_WORK_POSTED, TN_WORK_TAKEN, TN_WORK_DONE };
+struct tn_parked_work {
+    uint32_t state;
+    uint32_t by_parked; /* the parked thread ran it */
+    void (*run)(struct tn_parked_work *work);
+};
+
+/* Run work if it is posted and nobody took it yet; 1 if this call ran it. */
+static inline int tn_parked_work_try_run(struct tn_parked_work *work, int by_parked) {
+    uint32_t posted = TN_WORK_POSTED;
+    if (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) != TN_WORK_POSTED ||
+        !__atomic_compare_exchange_n(&work->state, &posted, TN_WORK_TAKEN, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE))
+        return 0;
+    work->by_parked = (uint32_t)by_parked;
+    work->run(work);
+    __atomic_store_n(&work->state, TN_WORK_DONE, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* Done (or never posted) once this returns: runs it here if still posted, else
+ * waits for the thread running it. Call without the GIL. */
+static inline void tn_parked_work_wait(struct tn_parked_work *work) {
+    if (tn_parked_work_try_run(work, 0))
+        return;
+    while (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) == TN_WORK_TAKEN) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+}
+
+/* A writable buffer holding a parked work slot of at least size bytes, aligned for
+ * it; sets ValueError (or TypeError) and returns NULL otherwise. The view is
+ * released by the caller. */
+void *tn_parked_work_slot(PyObject *obj, Py_buffer *view, size_t size);
+#define TN_PARKED_WORK_SLOT_BYTES 128
+
 /* O& converters (with Py_CLEANUP_SUPPORTED) for read-only / writable
  * C-contiguous buffers; failures become TypeError. */
 int tn_conv_ro(PyObject *obj, void *view);
@@ -106,6 +149,7 @@ PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kvm_get_vcpu_state(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_spin_until_set(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_py_parked_work_wait(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_current_cpu(PyObject *self, PyObject *args);
 PyObject *tn_clear_dirty_log(PyObject *self, PyObject *args, PyObject *kw);
 extern PyTypeObject tn_Hash64Type;
@@ -117,5 +161,7 @@ PyObject *tn_buffer_address(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_wp_open(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_wp_protect(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_wp_copy(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_wp_protect_bitmap_post(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_wp_protect_bitmap_finish(PyObject *self, PyObject *args, PyObject *kw);
 
 #endif

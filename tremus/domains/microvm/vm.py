@@ -11,6 +11,7 @@ import ctypes
 import dataclasses
 import errno
 import math
+import mmap
 import os
 import select
 import signal
@@ -203,6 +204,9 @@ class MicroVM:
         # [4:8] the CPU suspend() ran on (int32, -1 unknown).
         self._park_flags = bytearray(8)
         self._park_flags[4:8] = struct.pack("=i", -1)
+        #: Work for the parked vCPU thread, done on its CPU while the pause goes on
+        #: (``kvm_wait_run``): a slot of its own, page-aligned.
+        self._parked_work = mmap.mmap(-1, mmap.PAGESIZE)
         self._poller = select.poll()
         self._poller.register(self._event_fd, select.POLLIN)
         #: The paravirtual NIC (``tap=``), or None.
@@ -392,6 +396,7 @@ class MicroVM:
         if self._cow is None:
             try:
                 self._cow = CopyOnWrite(self._mmap, unit_pages=self._cow_unit_pages,
+                                        parked_work=self._parked_work,
                                         rearm=self._rearm_dirty_log)
             except OSError as exc:
                 raise DomainError(f"userfaultfd write-protect: {exc}") from exc
@@ -507,6 +512,9 @@ class MicroVM:
         self.suspends += 1
 
     async def resume(self) -> None:
+        # Work posted to the parked vCPU thread (copy-on-write's write-protect) is
+        # done before the guest may write again.
+        self._native.parked_work_wait(self._parked_work)
         if self._dirty_to_rearm and not (self._cow is not None and self._cow.rearm_due):
             self._rearm_dirty_log()
         with self._cond:
@@ -707,7 +715,7 @@ class MicroVM:
             run_fd = -1 if self._halted else self._vcpu.fd
             rc, self.resumed_at_ns = self._native.kvm_wait_run(
                 self._resume_fd, run_fd, self._park_flags, _RELEASE_SPIN_NS,
-                self._vcpu.fd, self._parked_state)
+                self._vcpu.fd, self._parked_state, self._parked_work)
             with self._cond:
                 if self._want_stop:
                     self._parked = False
