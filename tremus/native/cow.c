@@ -348,19 +348,6 @@ static void wp_job_run(struct tn_parked_work *work) {
     protect_bitmap_units(&job->prot, &job->units, job->bitmap);
 }
 
-void *tn_parked_work_slot(PyObject *obj, Py_buffer *view, size_t size) {
-    if (!tn_conv_rw(obj, view))
-        return NULL;
-    if ((size_t)view->len < size || (uintptr_t)view->buf % 16 != 0) {
-        PyErr_Format(PyExc_ValueError,
-                     "a parked work slot is a 16-byte aligned buffer of %zu bytes or more",
-                     size);
-        PyBuffer_Release(view);
-        return NULL;
-    }
-    return view->buf;
-}
-
 _Static_assert(sizeof(struct wp_job) <= TN_PARKED_WORK_SLOT_BYTES, "parked work slot too small");
 
 /* wp_protect_bitmap_post(slot, fd, ram, bitmap, unit_pages=1): post the protect. */
@@ -374,7 +361,7 @@ PyObject *tn_wp_protect_bitmap_post(PyObject *self, PyObject *args, PyObject *kw
     if (!protect_bitmap_args(args, kw, "OiO&O&|n:wp_protect_bitmap_post", kwlist, &slot_obj, &fd,
                              &ram, &bitmap, &u))
         goto done;
-    struct wp_job *job = tn_parked_work_slot(slot_obj, &slot, sizeof *job);
+    struct wp_job *job = tn_parked_work_slot(slot_obj, &slot);
     if (job == NULL)
         goto done;
     uint32_t state = __atomic_load_n(&job->work.state, __ATOMIC_ACQUIRE);
@@ -407,7 +394,7 @@ PyObject *tn_wp_protect_bitmap_finish(PyObject *self, PyObject *args, PyObject *
     (void)self;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O:wp_protect_bitmap_finish", kwlist, &slot_obj))
         return NULL;
-    struct wp_job *job = tn_parked_work_slot(slot_obj, &slot, sizeof *job);
+    struct wp_job *job = tn_parked_work_slot(slot_obj, &slot);
     if (job == NULL)
         return NULL;
     if (__atomic_load_n(&job->work.state, __ATOMIC_ACQUIRE) == TN_WORK_IDLE ||

@@ -279,14 +279,20 @@ PyObject *tn_kvm_get_vcpu_state(PyObject *self, PyObject *args, PyObject *kw) {
 
 /* Spin, yielding the CPU between looks, until flag[0] is non-zero or timeout_ns
  * passed; 1 if it was set. A tight loop of PAUSE instead made a kick 50-150 us
- * slower here: the vCPU thread's way out of KVM_RUN competes for the cores. */
-static int spin_until(const unsigned char *flag, long long timeout_ns) {
+ * slower here: the vCPU thread's way out of KVM_RUN competes for the cores. Work
+ * posted to work (if not NULL) meanwhile is run in place of a yield, and the wait
+ * starts again after it. */
+static int spin_until(const unsigned char *flag, struct tn_parked_work *work,
+                      long long timeout_ns) {
     struct timespec start, now;
     if (__atomic_load_n(flag, __ATOMIC_ACQUIRE))
         return 1;
     clock_gettime(CLOCK_MONOTONIC, &start);
     for (unsigned int n = 1;; n++) {
-        sched_yield();
+        if (work != NULL && tn_parked_work_try_run(work, 1))
+            clock_gettime(CLOCK_MONOTONIC, &start);
+        else
+            sched_yield();
         if (__atomic_load_n(flag, __ATOMIC_ACQUIRE))
             return 1;
         if (n % 4 == 0) {
@@ -295,26 +301,6 @@ static int spin_until(const unsigned char *flag, long long timeout_ns) {
                 timeout_ns)
                 return 0;
         }
-    }
-}
-
-/* spin_until for the release flag, running the work posted meanwhile (if any). */
-static int spin_until_released(const unsigned char *released, struct tn_parked_work *work,
-                               long long timeout_ns) {
-    struct timespec start, now;
-    clock_gettime(CLOCK_MONOTONIC, &start);
-    for (unsigned int n = 1;; n++) {
-        if (work != NULL && tn_parked_work_try_run(work, 1))
-            clock_gettime(CLOCK_MONOTONIC, &start); /* the wait starts again */
-        if (__atomic_load_n(released, __ATOMIC_ACQUIRE))
-            return 1;
-        if (n % 4 == 0) {
-            clock_gettime(CLOCK_MONOTONIC, &now);
-            if ((now.tv_sec - start.tv_sec) * 1000000000LL + (now.tv_nsec - start.tv_nsec) >=
-                timeout_ns)
-                return 0;
-        }
-        sched_yield();
     }
 }
 
@@ -328,7 +314,7 @@ PyObject *tn_py_parked_work_wait(PyObject *self, PyObject *args, PyObject *kw) {
     (void)self;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O:parked_work_wait", kwlist, &slot_obj))
         return NULL;
-    struct tn_parked_work *work = tn_parked_work_slot(slot_obj, &view, TN_PARKED_WORK_SLOT_BYTES);
+    struct tn_parked_work *work = tn_parked_work_slot(slot_obj, &view);
     if (work == NULL)
         return NULL;
     if (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) != TN_WORK_IDLE &&
@@ -412,7 +398,7 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
         }
     }
     if (work_obj != Py_None) {
-        work = tn_parked_work_slot(work_obj, &work_view, TN_PARKED_WORK_SLOT_BYTES);
+        work = tn_parked_work_slot(work_obj, &work_view);
         if (work == NULL) {
             if (save_fd >= 0)
                 PyBuffer_Release(&state);
@@ -446,7 +432,7 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
         if (!moved)
             spin_ns = 0;
     }
-    if (spin_ns <= 0 || !spin_until_released(released, work, spin_ns)) {
+    if (spin_ns <= 0 || !spin_until(released, work, spin_ns)) {
         while (!__atomic_load_n(released, __ATOMIC_ACQUIRE)) {
             uint64_t value;
             struct pollfd pfd = {.fd = wait_fd, .events = POLLIN};
@@ -498,7 +484,7 @@ PyObject *tn_spin_until_set(PyObject *self, PyObject *args, PyObject *kw) {
     }
     const unsigned char *flag = buf.buf;
     Py_BEGIN_ALLOW_THREADS
-    set = spin_until(flag, timeout_ns);
+    set = spin_until(flag, NULL, timeout_ns);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&buf);
     return PyBool_FromLong(set);

@@ -24,6 +24,19 @@ static int conv(PyObject *obj, Py_buffer *view, int writable) {
 int tn_conv_ro(PyObject *obj, void *view) { return conv(obj, (Py_buffer *)view, 0); }
 int tn_conv_rw(PyObject *obj, void *view) { return conv(obj, (Py_buffer *)view, 1); }
 
+void *tn_parked_work_slot(PyObject *obj, Py_buffer *view) {
+    if (!tn_conv_rw(obj, view))
+        return NULL;
+    if ((size_t)view->len < TN_PARKED_WORK_SLOT_BYTES || (uintptr_t)view->buf % 16 != 0) {
+        PyErr_Format(PyExc_ValueError,
+                     "a parked work slot is a 16-byte aligned buffer of %d bytes or more",
+                     TN_PARKED_WORK_SLOT_BYTES);
+        PyBuffer_Release(view);
+        return NULL;
+    }
+    return view->buf;
+}
+
 int tn_pfn_count(const Py_buffer *pfns, Py_ssize_t *n) {
     if (pfns->len % 8 != 0) {
         PyErr_Format(PyExc_ValueError, "pfns length %zd is not a multiple of 8", pfns->len);

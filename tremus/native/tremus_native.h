@@ -2,8 +2,8 @@
  *
  * The module is split by concern: module.c (method table, buffer helpers),
  * memory.c (bitmap, gather, scatter, memcpy), hash.c (hash64), codec.c (page
- * delta coding), kvm.c (KVM_RUN, dirty log, kick), cow.c (copy-on-write capture
- * with userfaultfd write-protect).
+ * delta coding), kvm.c (KVM_RUN, dirty log, kick, the parked vCPU thread and its
+ * work slot), cow.c (copy-on-write capture with userfaultfd write-protect).
  *
  * Conventions, shared by every function:
  *   - Buffers come in through the buffer protocol and must be C-contiguous;
@@ -88,11 +88,11 @@ static inline void tn_parked_work_wait(struct tn_parked_work *work) {
     }
 }
 
-/* A writable buffer holding a parked work slot of at least size bytes, aligned for
- * it; sets ValueError (or TypeError) and returns NULL otherwise. The view is
- * released by the caller. */
-void *tn_parked_work_slot(PyObject *obj, Py_buffer *view, size_t size);
+/* The parked work slot in obj: a writable buffer of TN_PARKED_WORK_SLOT_BYTES or
+ * more, 16-byte aligned; sets ValueError (or TypeError) and returns NULL otherwise.
+ * The caller releases view. */
 #define TN_PARKED_WORK_SLOT_BYTES 128
+void *tn_parked_work_slot(PyObject *obj, Py_buffer *view);
 
 /* O& converters (with Py_CLEANUP_SUPPORTED) for read-only / writable
  * C-contiguous buffers; failures become TypeError. */
