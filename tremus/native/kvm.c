@@ -317,8 +317,8 @@ PyObject *tn_py_parked_work_wait(PyObject *self, PyObject *args, PyObject *kw) {
     struct tn_parked_work *work = tn_parked_work_slot(slot_obj, &view);
     if (work == NULL)
         return NULL;
-    if (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) != TN_WORK_IDLE &&
-        __atomic_load_n(&work->state, __ATOMIC_ACQUIRE) != TN_WORK_DONE) {
+    uint32_t state = __atomic_load_n(&work->state, __ATOMIC_ACQUIRE);
+    if (state == TN_WORK_POSTED || state == TN_WORK_TAKEN) { /* else nothing to wait for */
         Py_BEGIN_ALLOW_THREADS
         tn_parked_work_wait(work);
         Py_END_ALLOW_THREADS

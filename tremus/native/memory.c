@@ -30,14 +30,15 @@ static inline uint64_t bitmap_word(const unsigned char *bm, const unsigned char 
     return w;
 }
 
-/* Parse (bitmap, extra=None[, out]) and count the set bits. */
+/* Parse (bitmap, extra=None[, out]) and, if asked, count the set bits. */
 struct dirty_args {
     Py_buffer bm, ex;
     int have_bitmap, have_extra;
     Py_ssize_t count;
 };
 
-static int dirty_args_parse(PyObject *bitmap, PyObject *extra, struct dirty_args *a) {
+static int dirty_args_parse(PyObject *bitmap, PyObject *extra, struct dirty_args *a,
+                            int count_bits) {
     memset(a, 0, sizeof *a);
     if (!tn_conv_ro(bitmap, &a->bm))
         return 0;
@@ -52,6 +53,8 @@ static int dirty_args_parse(PyObject *bitmap, PyObject *extra, struct dirty_args
             return 0;
         }
     }
+    if (!count_bits)
+        return 1;
     const unsigned char *b = a->bm.buf, *e = a->have_extra ? a->ex.buf : NULL;
     Py_ssize_t len = a->bm.len, count = 0;
     for (Py_ssize_t off = 0; off < len; off += 8)
@@ -105,7 +108,7 @@ PyObject *tn_dirty_bitmap_to_pfns(PyObject *self, PyObject *args, PyObject *kw) 
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O:dirty_bitmap_to_pfns", kwlist, &bitmap,
                                      &extra))
         return NULL;
-    if (!dirty_args_parse(bitmap, extra, &a))
+    if (!dirty_args_parse(bitmap, extra, &a, 1))
         goto done;
     if (a.count > PY_SSIZE_T_MAX / 8) {
         PyErr_NoMemory();
@@ -122,7 +125,7 @@ done:
 /* Parse (bitmap, extra, out) into a and a writable out; 0 with an exception.
  * Either way the caller releases both (dirty_args_release, PyBuffer_Release). */
 static int dirty_out_args(PyObject *args, PyObject *kw, const char *format,
-                          struct dirty_args *a, Py_buffer *out) {
+                          struct dirty_args *a, Py_buffer *out, int count_bits) {
     static char *kwlist[] = {"bitmap", "extra", "out", NULL};
     PyObject *bitmap, *extra, *out_obj;
     memset(a, 0, sizeof *a);
@@ -131,7 +134,7 @@ static int dirty_out_args(PyObject *args, PyObject *kw, const char *format,
         return 0;
     if (!tn_conv_rw(out_obj, out))
         return 0;
-    return dirty_args_parse(bitmap, extra, a);
+    return dirty_args_parse(bitmap, extra, a, count_bits);
 }
 
 /* The same into a caller's buffer (no allocation, no fresh pages to fault in: a
@@ -141,7 +144,7 @@ PyObject *tn_dirty_bitmap_to_pfns_into(PyObject *self, PyObject *args, PyObject 
     Py_buffer out;
     struct dirty_args a;
     (void)self;
-    if (!dirty_out_args(args, kw, "OOO:dirty_bitmap_to_pfns_into", &a, &out))
+    if (!dirty_out_args(args, kw, "OOO:dirty_bitmap_to_pfns_into", &a, &out, 1))
         goto done;
     if (a.count > out.len / 8) {
         PyErr_Format(PyExc_ValueError, "out holds %zd pfns, %zd pages are dirty", out.len / 8,
@@ -183,14 +186,15 @@ PyObject *tn_dirty_bitmap_merge(PyObject *self, PyObject *args, PyObject *kw) {
     Py_buffer out;
     struct dirty_args a;
     (void)self;
-    if (!dirty_out_args(args, kw, "OOO:dirty_bitmap_merge", &a, &out))
+    if (!dirty_out_args(args, kw, "OOO:dirty_bitmap_merge", &a, &out, 0))
         goto done;
     if (out.len != a.bm.len) {
         PyErr_Format(PyExc_ValueError, "out has %zd bytes, bitmap has %zd", out.len, a.bm.len);
         goto done;
     }
-    tn_bitmap_merge(a.bm.buf, a.have_extra ? a.ex.buf : NULL, out.buf, a.bm.len);
-    result = PyLong_FromSsize_t(a.count);
+    /* Counted as it is merged, not in a pass of its own. */
+    result = PyLong_FromSsize_t(
+        tn_bitmap_merge(a.bm.buf, a.have_extra ? a.ex.buf : NULL, out.buf, a.bm.len));
 done:
     dirty_args_release(&a);
     PyBuffer_Release(&out);
