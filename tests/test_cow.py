@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests._microvm_util import needs_kvm
+from tests._microvm_util import boot, needs_kvm
 from tremus._cow import CopyOnWrite
 from tremus._memory import _huge_bytes, guest_memory
 from tremus.accel import impl, native
@@ -259,6 +259,38 @@ def test_a_parked_thread_runs_the_protect_posted_to_it() -> None:
     assert not parked.is_alive() and result and result[0][0] == 0
 
 
+def test_work_posted_before_the_park_runs_as_the_thread_parks_and_before_it_leaves() -> None:
+    """A protect posted before ``kvm_wait_run`` is entered is taken as the thread
+    parks, and a release that was already there when it parked does not let the
+    thread return (and enter KVM_RUN) before the protect is done."""
+    ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    ram[:] = os.urandom(len(ram))
+    slot = mmap.mmap(-1, mmap.PAGESIZE)
+    cow = _cow_or_skip(ram, slot)
+    assert native is not None
+    wake = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        dirty = [0, 9, PAGES - 2]
+        cow.protect_bitmap(sum(1 << pfn for pfn in dirty).to_bytes(PAGES // 8, "little"))
+        assert _write_protected(ram) == []  # posted, not run yet
+        flags = bytearray(8)
+        flags[1] = 1  # released before it even parks
+        flags[4:8] = (-1).to_bytes(4, "little", signed=True)
+        rc, _ = native.kvm_wait_run(wake, -1, flags, 30_000_000_000, work=slot)
+        assert rc == 0 and flags[0] == 1
+        assert _write_protected(ram) == dirty  # done by then, by that thread
+        at_protect = bytes(ram)
+        staging = bytearray(len(dirty) * PAGE)
+        cow.copy(array("Q", dirty).tobytes(), staging)
+        assert cow.protects_on_parked_thread == 1
+        assert bytes(staging) == b"".join(at_protect[p * PAGE : (p + 1) * PAGE] for p in dirty)
+        assert _write_protected(ram) == []
+    finally:
+        os.close(wake)
+        cow.close()
+        ram.close()
+
+
 def test_a_parked_work_slot_holds_one_protect_at_a_time() -> None:
     ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     slot = mmap.mmap(-1, mmap.PAGESIZE)
@@ -358,3 +390,63 @@ async def test_without_copy_on_write_the_engine_copies_in_the_pause(capture: str
             ("copy", capture == "auto")]
         if capture == "auto":
             assert "does not offer it" in started[0].capture_note
+
+
+@needs_kvm
+async def test_a_micro_vm_reads_its_dirty_log_and_protects_as_its_vcpu_parks() -> None:
+    """With ``at_park`` the vCPU thread reads the dirty log and write-protects the
+    dirty pages' units as it parks: they are protected when the pausing thread reads
+    the count, ``protect_bitmap`` has nothing left to do, and the copy after the
+    resume stages the pages as they were at the suspend. A capture nobody claims (a
+    resume straight after the suspend, or a read for copying in the pause) leaves
+    nothing protected and loses no dirty page."""
+    if native is None:
+        pytest.skip("copy-on-write needs the native helper")
+    vm = boot(workload="dirty", memory="16M", ws="1M", rate="40000", pattern="sequential")
+    try:
+        cow = vm.copy_on_write()
+    except DomainError as exc:
+        vm.close()
+        pytest.skip(str(exc))
+    ram = vm._mmap  # type: ignore[attr-defined]
+    unit = cow.unit_pages
+    shift = ctypes.addressof(ctypes.c_char.from_buffer(ram)) // PAGE % unit
+    far = 0xA00000  # no guest code or data there: only the VMM writes it
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.run)
+        await trio.sleep(0.3)
+        cow.at_park = True
+        await vm.suspend()
+        bitmap, count = vm.read_dirty_bitmap()
+        assert count >= cow.min_pages
+        native.parked_work_wait(vm._parked_work)  # type: ignore[attr-defined]
+        pfns = vm.dirty_pfns()
+        dirty = list(pfns)
+        units = {(pfn + shift) // unit for pfn in dirty}
+        expected = [p for p in range(len(ram) // PAGE) if (p + shift) // unit in units]
+        assert _write_protected(ram) == expected  # by the vCPU thread, nobody asked here
+        cow.protect_bitmap(bitmap)  # done already: nothing to post
+        assert _write_protected(ram) == expected
+        at_suspend = bytes(ram)
+        await vm.resume()
+        staging = bytearray(len(dirty) * PAGE)
+        await trio.to_thread.run_sync(cow.copy, pfns, staging)
+        assert cow.protects_on_parked_thread == 1
+        assert _write_protected(ram) == []
+        for k, pfn in enumerate(dirty):
+            assert staging[k * PAGE : (k + 1) * PAGE] == at_suspend[pfn * PAGE : (pfn + 1) * PAGE]
+
+        for unclaimed_by in ("resume", "read_and_clear_dirty"):
+            vm.write_ram(far, b"vmm wrote this")
+            cow.at_park = True
+            await vm.suspend()
+            if unclaimed_by == "resume":
+                await vm.resume()
+                assert _write_protected(ram) == []
+                cow.at_park = False
+                await vm.suspend()
+            listed = list(vm.read_and_clear_dirty())
+            assert _write_protected(ram) == []
+            assert far // PAGE in listed and cow.idle, unclaimed_by
+            await vm.resume()
+        vm.stop()

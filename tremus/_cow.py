@@ -74,6 +74,17 @@ class CopyOnWrite:
         self._posted: tuple[memoryview, memoryview] | None = None
         #: Protects the parked thread ran (the others ran in ``copy``'s thread).
         self.protects_on_parked_thread = 0
+        #: Set by the user before a suspend: the owner posts the next pause's capture
+        #: to its vCPU thread before it parks (``post_at_park``), which then reads the
+        #: dirty log and write-protects the pages as it parks, before the pausing
+        #: thread has even woken. Left False for a pause that copies everything (a
+        #: full checkpoint) or that does not capture.
+        self.at_park = False
+        #: The buffers of a posted capture, held until it is claimed.
+        self._capture: tuple[memoryview, ...] | None = None
+        #: ``claim_at_park`` found the pages protected: ``protect_bitmap`` has
+        #: nothing left to do for them.
+        self._protected_at_park = False
         self._fd = native.wp_open(ram)
 
     @property
@@ -97,8 +108,12 @@ class CopyOnWrite:
 
     def protect_bitmap(self, bitmap: Any) -> None:
         """``protect`` for the pages set in ``bitmap`` (bit ``i`` of little-endian u64
-        word ``i // 64`` is page ``i``); ``copy`` then takes their pfns."""
+        word ``i // 64`` is page ``i``); ``copy`` then takes their pfns. Nothing to
+        do if they were protected as the vCPU parked (``claim_at_park``)."""
         assert native is not None
+        if self._protected_at_park:
+            self._protected_at_park = False
+            return
         if self._parked_work is None:
             native.wp_protect_bitmap(self._fd, self._ram, bitmap, self.unit_pages)
         else:
@@ -106,6 +121,70 @@ class CopyOnWrite:
             native.wp_protect_bitmap_post(self._parked_work, self._fd, *posted, self.unit_pages)
             self._posted = posted
         self._rearm_due = self._rearm is not None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing posted, protected or left to copy: a new capture may start."""
+        return self._capture is None and self._posted is None and not self._rearm_due
+
+    @property
+    def posted_at_park(self) -> bool:
+        """A capture was posted (``post_at_park``) and not yet claimed."""
+        return self._capture is not None
+
+    def post_at_park(self, vm_fd: int, mem_slot: int, log: Any, extra: Any, out: Any) -> None:
+        """Before the owner's vCPU thread parks (it must serve the parked work slot):
+        post the pause's capture to it. As it parks it reads KVM's dirty log of
+        ``mem_slot`` into ``log`` and merges the VMM's own writes (``extra``, then
+        zeroed) into the bitmap ``out``; then, if ``min_pages`` or more are dirty, it
+        write-protects them. ``claim_at_park`` gives the count; the buffers must stay
+        as they are until then."""
+        assert native is not None
+        if self._parked_work is None:
+            raise ValueError("a capture at park needs the owner's parked work slot")
+        views = (memoryview(self._ram), memoryview(log), memoryview(out),
+                 *(() if extra is None else (memoryview(extra),)))
+        native.wp_capture_post(self._parked_work, vm_fd, mem_slot, log, extra, out, self._fd,
+                               self._ram, self.unit_pages, self.min_pages)
+        self._capture = views
+
+    def claim_at_park(self) -> int:
+        """In the pause: the dirty pages the posted capture found (waiting for its
+        read of the dirty log if it has not happened yet). With ``min_pages`` or more
+        they are write-protected, or being so: ``protect_bitmap`` of its bitmap then
+        has nothing to do, and ``copy`` must follow as after it. OSError if the dirty
+        log could not be read (nothing is protected)."""
+        assert native is not None
+        views, self._capture = self._capture, None
+        if views is None:
+            raise ValueError("no capture was posted")
+        try:
+            count, protecting = native.wp_capture_count(self._parked_work)
+        except BaseException:
+            for view in views:
+                view.release()
+            raise
+        if protecting:
+            self._posted = (views[0], views[2])
+            self._protected_at_park = True
+            self._rearm_due = self._rearm is not None
+            for view in views[1:2] + views[3:]:
+                view.release()
+        else:
+            for view in views:
+                view.release()
+        return int(count)
+
+    def release_all(self) -> None:
+        """Undo a protect that no ``copy`` will follow: wait for it, then lift all
+        protection (nothing is copied; the owner must count those pages dirty again)."""
+        assert native is not None
+        self._protected_at_park = False
+        self._rearm_due = False
+        try:
+            self._finish_protect()
+        finally:
+            native.wp_release(self._fd, self._ram)
 
     def _finish_protect(self) -> None:
         """The posted protect, done (here if nobody ran it yet); OSError if it failed
@@ -143,6 +222,11 @@ class CopyOnWrite:
         return CopyStats(faults, serve_ns / 1e3, serve_max_ns / 1e3, copy_ns / 1e3)
 
     def close(self) -> None:
+        if self._capture is not None:
+            try:
+                self.claim_at_park()
+            except OSError:
+                pass
         if self._posted is not None:  # never copied: nothing may be left protected
             try:
                 self._finish_protect()

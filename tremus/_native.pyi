@@ -108,9 +108,11 @@ def kvm_wait_run(wait_fd: int, vcpu_fd: int, flags: Buffer, spin_ns: int = 0,
     errno & 0xff of a failed read, else 0); wait until ``flags[1]`` is set (spinning
     up to ``spin_ns``, then sleeping on the eventfd ``wait_fd``, written after it;
     sleeping at once if ``flags[4:8]`` holds, as an int32, the CPU this thread is on),
-    then KVM_RUN at once (skipped if ``vcpu_fd`` < 0). While it spins it runs the
-    work posted to the slot ``work`` (``wp_protect_bitmap_post``), if any. Returns
-    (0 or -errno, CLOCK_MONOTONIC ns at the end of the wait)."""
+    then KVM_RUN at once (skipped if ``vcpu_fd`` < 0). The work posted to the slot
+    ``work`` (``wp_protect_bitmap_post``, ``wp_capture_post``) runs on this thread:
+    posted before the park, as it parks (its early part before the registers are
+    read); posted later, while it spins; in any case before KVM_RUN. Returns (0 or
+    -errno, CLOCK_MONOTONIC ns once the wait ended and the work was done)."""
 
 def clear_dirty_log(vm_fd: int, slot: int, bitmap: Buffer, pages: int) -> None:
     """KVM_CLEAR_DIRTY_LOG over a whole slot of ``pages`` pages: clear the bits set in
@@ -163,6 +165,24 @@ def wp_protect_bitmap_finish(slot: Buffer) -> tuple[int, bool]:
     """The posted protect, done (run here if nobody took it): (ioctls made, whether
     the parked thread ran it); OSError as ``wp_protect_bitmap`` would raise. The slot
     is then free."""
+
+def wp_capture_post(slot: Buffer, vm_fd: int, mem_slot: int, log: Buffer,
+                    extra: Buffer | None, out: Buffer, fd: int, ram: Buffer,
+                    unit_pages: int = 1, min_pages: int = 1) -> None:
+    """Post a capture to the slot of a vCPU thread about to park: as it parks it reads
+    the dirty log (``get_dirty_log(vm_fd, mem_slot, log, extra, out)``), then, with
+    ``min_pages`` or more pages dirty, protects them (``wp_protect_bitmap(fd, ram,
+    out, unit_pages)``) after reading the registers. The buffers must stay as they
+    are until ``wp_capture_count`` (and ``wp_protect_bitmap_finish`` if protecting).
+    ValueError if the slot holds unfinished work or the sizes disagree."""
+
+def wp_capture_count(slot: Buffer) -> tuple[int, bool]:
+    """The posted capture's dirty log read (run here, whole, if nobody took it):
+    (dirty pages, whether they are being protected: ``wp_protect_bitmap_finish``
+    must then follow). OSError if KVM_GET_DIRTY_LOG failed (nothing protected)."""
+
+def wp_release(fd: int, ram: Buffer) -> None:
+    """Lift all write protection from ``ram``, waking its writers."""
 
 def wp_copy(fd: int, ram: Buffer, pfns: Buffer, staging: Buffer, run_pages: int = 64,
             unit_pages: int = 1, checksums: Buffer | None = None,

@@ -496,6 +496,10 @@ class PrimarySession:
         pfns: memoryview | None = None
         sums: bytearray | None = None
         with trio.CancelScope(shield=True):
+            if cow is not None:
+                # Copy-on-write: the vCPU reads its dirty log and protects the pages as
+                # it parks (a full checkpoint copies everything in the pause instead).
+                cow.at_park = not full
             await domain.suspend()
             stopped = time.perf_counter()
             protected = False

@@ -341,11 +341,43 @@ struct wp_job {
     struct protecting prot;
     struct units units;
     const unsigned char *bitmap;
+    /* A capture (wp_capture_post): the dirty log is read into bitmap first, and the
+     * protect runs only for min_pages dirty pages or more. */
+    int vm_fd, log_err, protecting;
+    unsigned int mem_slot;
+    unsigned char *log, *extra;
+    size_t log_len;
+    Py_ssize_t min_pages, count;
 };
 
 static void wp_job_run(struct tn_parked_work *work) {
     struct wp_job *job = (struct wp_job *)work;
-    protect_bitmap_units(&job->prot, &job->units, job->bitmap);
+    if (job->protecting)
+        protect_bitmap_units(&job->prot, &job->units, job->bitmap);
+}
+
+static void capture_read_log(struct tn_parked_work *work) {
+    struct wp_job *job = (struct wp_job *)work;
+    int rc = tn_read_dirty_log(job->vm_fd, job->mem_slot, job->log, job->extra,
+                               (unsigned char *)job->bitmap, job->log_len, &job->count);
+    job->log_err = rc < 0 ? -rc : 0;
+    job->protecting = rc == 0 && job->count >= job->min_pages;
+}
+
+/* Claim an idle (or finished) slot for a job; ValueError if it holds unfinished work. */
+static struct wp_job *claim_slot(PyObject *slot_obj, Py_buffer *slot) {
+    struct wp_job *job = tn_parked_work_slot(slot_obj, slot);
+    if (job == NULL)
+        return NULL;
+    uint32_t state = __atomic_load_n(&job->work.state, __ATOMIC_ACQUIRE);
+    if (state == TN_WORK_POSTED || state == TN_WORK_TAKEN) {
+        PyErr_SetString(PyExc_ValueError, "the slot holds work not finished yet");
+        PyBuffer_Release(slot);
+        return NULL;
+    }
+    memset(job, 0, sizeof *job);
+    job->work.run = wp_job_run;
+    return job;
 }
 
 _Static_assert(sizeof(struct wp_job) <= TN_PARKED_WORK_SLOT_BYTES, "parked work slot too small");
@@ -361,22 +393,16 @@ PyObject *tn_wp_protect_bitmap_post(PyObject *self, PyObject *args, PyObject *kw
     if (!protect_bitmap_args(args, kw, "OiO&O&|n:wp_protect_bitmap_post", kwlist, &slot_obj, &fd,
                              &ram, &bitmap, &u))
         goto done;
-    struct wp_job *job = tn_parked_work_slot(slot_obj, &slot);
+    struct wp_job *job = claim_slot(slot_obj, &slot);
     if (job == NULL)
         goto done;
-    uint32_t state = __atomic_load_n(&job->work.state, __ATOMIC_ACQUIRE);
-    if (state == TN_WORK_POSTED || state == TN_WORK_TAKEN) {
-        PyErr_SetString(PyExc_ValueError, "the slot holds work not finished yet");
-    } else {
-        memset(job, 0, sizeof *job);
-        job->work.run = wp_job_run;
-        job->prot.fd = fd;
-        job->prot.base = (uint64_t)(uintptr_t)ram.buf;
-        job->units = u;
-        job->bitmap = bitmap.buf;
-        __atomic_store_n(&job->work.state, TN_WORK_POSTED, __ATOMIC_RELEASE);
-        result = Py_NewRef(Py_None);
-    }
+    job->prot.fd = fd;
+    job->prot.base = (uint64_t)(uintptr_t)ram.buf;
+    job->units = u;
+    job->bitmap = bitmap.buf;
+    job->protecting = 1;
+    __atomic_store_n(&job->work.state, TN_WORK_POSTED, __ATOMIC_RELEASE);
+    result = Py_NewRef(Py_None);
     PyBuffer_Release(&slot);
 done:
     PyBuffer_Release(&ram);
@@ -413,6 +439,121 @@ PyObject *tn_wp_protect_bitmap_finish(PyObject *self, PyObject *args, PyObject *
 done:
     PyBuffer_Release(&slot);
     return result;
+}
+
+/* wp_capture_post(slot, vm_fd, mem_slot, log, extra, out, fd, ram, unit_pages=1,
+ * min_pages=1): post a capture to a vCPU thread about to park (kvm_wait_run's work):
+ * as it parks, before it reads the registers, it reads the dirty log of KVM slot
+ * mem_slot into log and merges it with extra (the VMM's own writes, zeroed) into
+ * out, as get_dirty_log does; after them, if min_pages or more pages are dirty, it
+ * write-protects their units as wp_protect_bitmap(fd, ram, out) would. The pause
+ * then starts with the longest step already under way. log, extra (or None) and out
+ * are as large as each other and out covers ram; the caller keeps all of them alive
+ * and unchanged until wp_capture_count (and wp_protect_bitmap_finish if it said the
+ * pages are being protected). */
+PyObject *tn_wp_capture_post(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"slot", "vm_fd", "mem_slot", "log", "extra", "out", "fd",
+                             "ram", "unit_pages", "min_pages", NULL};
+    PyObject *slot_obj, *extra_obj, *result = NULL;
+    Py_buffer slot = {0}, log = {0}, extra = {0}, out = {0}, ram = {0};
+    int vm_fd, fd;
+    unsigned int mem_slot;
+    Py_ssize_t unit_pages = 1, min_pages = 1;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OiIO&OO&iO&|nn:wp_capture_post", kwlist,
+                                     &slot_obj, &vm_fd, &mem_slot, tn_conv_rw, &log, &extra_obj,
+                                     tn_conv_rw, &out, &fd, tn_conv_rw, &ram, &unit_pages,
+                                     &min_pages))
+        return NULL;
+    if (extra_obj != Py_None && !tn_conv_rw(extra_obj, &extra))
+        goto done;
+    struct units u = units_of(&ram, unit_pages);
+    if (log.len == 0 || log.len % 8 != 0 || out.len != log.len ||
+        (extra.buf != NULL && extra.len != log.len)) {
+        PyErr_Format(PyExc_ValueError, "log (%zd bytes) must be a non-empty multiple of 8 bytes, "
+                     "as large as out (%zd) and extra (%zd)", log.len, out.len,
+                     extra.buf != NULL ? extra.len : log.len);
+        goto done;
+    }
+    if ((uint64_t)out.len < 8 * ((u.pages + 63) / 64)) {
+        PyErr_Format(PyExc_ValueError, "out has %zd bytes, %llu pages need %llu", out.len,
+                     (unsigned long long)u.pages, (unsigned long long)(8 * ((u.pages + 63) / 64)));
+        goto done;
+    }
+    struct wp_job *job = claim_slot(slot_obj, &slot);
+    if (job == NULL)
+        goto done;
+    job->prot.fd = fd;
+    job->prot.base = (uint64_t)(uintptr_t)ram.buf;
+    job->units = u;
+    job->bitmap = out.buf;
+    job->vm_fd = vm_fd;
+    job->mem_slot = mem_slot;
+    job->log = log.buf;
+    job->extra = extra.buf;
+    job->log_len = (size_t)log.len;
+    job->min_pages = min_pages;
+    job->work.early = capture_read_log;
+    __atomic_store_n(&job->work.state, TN_WORK_POSTED, __ATOMIC_RELEASE);
+    result = Py_NewRef(Py_None);
+    PyBuffer_Release(&slot);
+done:
+    if (extra.buf != NULL)
+        PyBuffer_Release(&extra);
+    PyBuffer_Release(&log);
+    PyBuffer_Release(&out);
+    PyBuffer_Release(&ram);
+    return result;
+}
+
+/* wp_capture_count(slot) -> (dirty pages, protecting): the capture posted to slot has
+ * read the dirty log (run here, whole, if no thread took it). protecting: its protect
+ * runs (or ran), and wp_protect_bitmap_finish must follow; else the slot is done
+ * with. OSError if the dirty log could not be read (nothing is protected then). */
+PyObject *tn_wp_capture_count(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"slot", NULL};
+    PyObject *slot_obj, *result = NULL;
+    Py_buffer slot = {0};
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O:wp_capture_count", kwlist, &slot_obj))
+        return NULL;
+    struct wp_job *job = tn_parked_work_slot(slot_obj, &slot);
+    if (job == NULL)
+        return NULL;
+    if (__atomic_load_n(&job->work.state, __ATOMIC_ACQUIRE) == TN_WORK_IDLE ||
+        job->work.early != capture_read_log) {
+        PyErr_SetString(PyExc_ValueError, "no capture was posted to this slot");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    tn_parked_work_wait_early(&job->work);
+    Py_END_ALLOW_THREADS
+    if (job->log_err) {
+        errno = job->log_err;
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, "KVM_GET_DIRTY_LOG");
+    } else {
+        result = Py_BuildValue("(nO)", job->count, job->protecting ? Py_True : Py_False);
+    }
+done:
+    PyBuffer_Release(&slot);
+    return result;
+}
+
+/* wp_release(fd, ram): lift all write protection from ram (waking its writers). */
+PyObject *tn_wp_release(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fd", "ram", NULL};
+    Py_buffer ram = {0};
+    int fd, rc;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO&:wp_release", kwlist, &fd, tn_conv_rw, &ram))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = wp_range(fd, (uint64_t)(uintptr_t)ram.buf, (uint64_t)ram.len, 0);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&ram);
+    if (rc != 0)
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, "UFFDIO_WRITEPROTECT");
+    Py_RETURN_NONE;
 }
 
 struct sweep {

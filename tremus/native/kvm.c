@@ -52,6 +52,18 @@ static PyObject *bitmap_ioctl(int fd, unsigned long request, void *arg, Py_buffe
     Py_RETURN_NONE;
 }
 
+int tn_read_dirty_log(int vm_fd, unsigned int slot, unsigned char *bitmap, unsigned char *extra,
+                      unsigned char *out, size_t len, Py_ssize_t *count) {
+    struct kvm_dirty_log log;
+    memset(&log, 0, sizeof log);
+    log.slot = slot;
+    log.dirty_bitmap = bitmap;
+    if (ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log) < 0)
+        return -errno;
+    *count = out != NULL ? tn_bitmap_merge(bitmap, extra, out, (Py_ssize_t)len) : 0;
+    return 0;
+}
+
 /* get_dirty_log(vm_fd, slot, bitmap, extra=None, out=None): KVM_GET_DIRTY_LOG into
  * bitmap. With out (as large as bitmap): also out = bitmap | extra, extra zeroed
  * (the VMM's own writes), and the count of pages set is returned: the pause's
@@ -62,7 +74,6 @@ PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw) {
     unsigned int slot;
     PyObject *extra_obj = Py_None, *out_obj = Py_None, *result = NULL;
     Py_buffer bm, extra = {0}, out = {0};
-    struct kvm_dirty_log log;
     (void)self;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "iIO&|OO:get_dirty_log", kwlist, &fd, &slot,
                                      tn_conv_rw, &bm, &extra_obj, &out_obj))
@@ -94,16 +105,11 @@ PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw) {
         PyErr_SetString(PyExc_ValueError, "extra needs out");
         goto done;
     }
-    memset(&log, 0, sizeof log);
-    log.slot = slot;
-    log.dirty_bitmap = bm.buf;
     Py_ssize_t count = 0;
     Py_BEGIN_ALLOW_THREADS
-    rc = ioctl(fd, KVM_GET_DIRTY_LOG, &log);
+    rc = tn_read_dirty_log(fd, slot, bm.buf, extra.buf, out.buf, (size_t)bm.len, &count);
     if (rc < 0)
-        err = errno;
-    else if (out.buf != NULL)
-        count = tn_bitmap_merge(bm.buf, extra.buf, out.buf, bm.len);
+        err = -rc;
     Py_END_ALLOW_THREADS
     if (rc < 0) {
         errno = err;
@@ -282,6 +288,23 @@ PyObject *tn_kvm_get_vcpu_state(PyObject *self, PyObject *args, PyObject *kw) {
  * slower here: the vCPU thread's way out of KVM_RUN competes for the cores. Work
  * posted to work (if not NULL) meanwhile is run in place of a yield, and the wait
  * starts again after it. */
+/* Take work posted to a parked thread while it waits, as opposed to a capture (work
+ * with an early part) posted before a park, which is the next park's to run: seen
+ * here, only on the way out of this one, it is left posted. 1 if taken. */
+static int take_work_of_this_park(struct tn_parked_work *work) {
+    if (!tn_parked_work_take(work))
+        return 0;
+    if (work->early == NULL)
+        return 1;
+    __atomic_store_n(&work->state, TN_WORK_POSTED, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static void run_taken(struct tn_parked_work *work) {
+    tn_parked_work_run_early(work);
+    tn_parked_work_complete(work, 1);
+}
+
 static int spin_until(const unsigned char *flag, struct tn_parked_work *work,
                       long long timeout_ns) {
     struct timespec start, now;
@@ -289,8 +312,10 @@ static int spin_until(const unsigned char *flag, struct tn_parked_work *work,
         return 1;
     clock_gettime(CLOCK_MONOTONIC, &start);
     for (unsigned int n = 1;; n++) {
-        if (work != NULL && tn_parked_work_try_run(work, 1))
+        if (work != NULL && take_work_of_this_park(work)) {
+            run_taken(work);
             clock_gettime(CLOCK_MONOTONIC, &start);
+        }
         else
             sched_yield();
         if (__atomic_load_n(flag, __ATOMIC_ACQUIRE))
@@ -360,8 +385,12 @@ static int move_away_from(int cpu, cpu_set_t *original) {
  * Left there, its spin would hand the CPU to the controlling thread at its first
  * yield and get it back only when that thread sleeps, after the whole pause and the
  * release (300-600 us late). With no other CPU allowed it sleeps at once instead.
+ * The parked work slot ``work`` (struct tn_parked_work): work posted before the
+ * park runs as it parks (its early part before the registers are read), work posted
+ * while it waits runs in place of a yield, and any left when released runs before
+ * KVM_RUN: the releasing thread need not wait for it.
  * With ``vcpu_fd`` < 0 it only waits. Returns (KVM_RUN result or -errno,
- * CLOCK_MONOTONIC ns when the wait ended). */
+ * CLOCK_MONOTONIC ns when the wait ended and its work was done). */
 PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"wait_fd", "vcpu_fd", "flags", "spin_ns", "save_fd", "state",
                              "work", NULL};
@@ -413,7 +442,12 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
     cpu_set_t original;
     int moved = 0;
     Py_BEGIN_ALLOW_THREADS
+    /* Work posted before the park: its early part first, the rest after the registers
+     * (taken before the park is told, so that the pausing thread finds it taken). */
+    int took = work != NULL && tn_parked_work_take(work);
     __atomic_store_n(parked, (unsigned char)1, __ATOMIC_RELEASE);
+    if (took)
+        tn_parked_work_run_early(work);
     if (save_fd >= 0) {
         unsigned char *out = state.buf;
         const char *what = "";
@@ -432,6 +466,8 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
         if (!moved)
             spin_ns = 0;
     }
+    if (took)
+        tn_parked_work_complete(work, 1);
     if (spin_ns <= 0 || !spin_until(released, work, spin_ns)) {
         while (!__atomic_load_n(released, __ATOMIC_ACQUIRE)) {
             uint64_t value;
@@ -447,6 +483,14 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
                 break;
             }
         }
+    }
+    /* Released: work posted to the slot is done before the guest may write again,
+     * whether or not the releasing thread waited for it. */
+    if (work != NULL) {
+        if (take_work_of_this_park(work))
+            run_taken(work);
+        while (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) == TN_WORK_TAKEN)
+            tn_cpu_relax();
     }
     clock_gettime(CLOCK_MONOTONIC, &ts);
     if (moved)

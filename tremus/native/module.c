@@ -117,6 +117,12 @@ static PyMethodDef methods[] = {
      "wp_protect_bitmap_post(slot, fd, ram, bitmap, unit_pages=1) -> None"},
     {"wp_protect_bitmap_finish", KW tn_wp_protect_bitmap_finish, METH_VARARGS | METH_KEYWORDS,
      "wp_protect_bitmap_finish(slot) -> (ioctls made, ran on the parked thread)"},
+    {"wp_capture_post", KW tn_wp_capture_post, METH_VARARGS | METH_KEYWORDS,
+     "wp_capture_post(slot, vm_fd, mem_slot, log, extra, out, fd, ram, unit_pages=1, "
+     "min_pages=1) -> None"},
+    {"wp_capture_count", KW tn_wp_capture_count, METH_VARARGS | METH_KEYWORDS,
+     "wp_capture_count(slot) -> (dirty pages, protecting)"},
+    {"wp_release", KW tn_wp_release, METH_VARARGS | METH_KEYWORDS, "wp_release(fd, ram) -> None"},
     {"wp_copy", KW tn_wp_copy, METH_VARARGS | METH_KEYWORDS,
      "wp_copy(fd, ram, pfns, staging, run_pages=64, unit_pages=1, checksums=None, "
      "batch_pages=0) -> (faults, serve_ns, serve_max_ns, copy_ns)"},

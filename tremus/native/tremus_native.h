@@ -53,27 +53,55 @@ static inline void tn_store_le16(unsigned char *p, uint16_t v) {
 
 /* Work handed to a parked vCPU thread: kvm_wait_run runs work posted to it while it
  * waits to be released, on its own CPU, while the pause goes on in the thread that
- * posted it. Whoever then needs the work done takes it back and runs it itself if the
- * parked thread has not started it (parked_work_wait): posted work is always done,
- * by exactly one thread. A job embeds this header first. */
+ * posted it. Work posted before the thread parks runs as it parks: its early part
+ * (if any) before the thread reads the vCPU's registers, the rest after them. Whoever
+ * then needs the work done takes it back and runs it itself if the parked thread has
+ * not started it (parked_work_wait): posted work is always done, by exactly one
+ * thread, and always before the parked thread lets the guest run again. A job embeds
+ * this header first. */
 enum { TN_WORK_IDLE, TN_WORK_POSTED, TN_WORK_TAKEN, TN_WORK_DONE };
 struct tn_parked_work {
     uint32_t state;
-    uint32_t by_parked; /* the parked thread ran it */
+    uint32_t by_parked;  /* the parked thread ran it */
+    uint32_t early_done; /* its early part ran (set before the rest runs) */
+    void (*early)(struct tn_parked_work *work); /* NULL: none */
     void (*run)(struct tn_parked_work *work);
 };
 
-/* Run work if it is posted and nobody took it yet; 1 if this call ran it. */
-static inline int tn_parked_work_try_run(struct tn_parked_work *work, int by_parked) {
+/* Take posted work nobody took yet; 1 if this call took it (it must then run it). */
+static inline int tn_parked_work_take(struct tn_parked_work *work) {
     uint32_t posted = TN_WORK_POSTED;
-    if (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) != TN_WORK_POSTED ||
-        !__atomic_compare_exchange_n(&work->state, &posted, TN_WORK_TAKEN, 0, __ATOMIC_ACQ_REL,
-                                     __ATOMIC_ACQUIRE))
-        return 0;
+    return __atomic_load_n(&work->state, __ATOMIC_ACQUIRE) == TN_WORK_POSTED &&
+           __atomic_compare_exchange_n(&work->state, &posted, TN_WORK_TAKEN, 0,
+                                       __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}
+
+/* Taken work: its early part, then (tn_parked_work_complete) the rest. */
+static inline void tn_parked_work_run_early(struct tn_parked_work *work) {
+    if (work->early != NULL)
+        work->early(work);
+    __atomic_store_n(&work->early_done, 1, __ATOMIC_RELEASE);
+}
+
+static inline void tn_parked_work_complete(struct tn_parked_work *work, int by_parked) {
     work->by_parked = (uint32_t)by_parked;
     work->run(work);
     __atomic_store_n(&work->state, TN_WORK_DONE, __ATOMIC_RELEASE);
+}
+
+/* Run work if it is posted and nobody took it yet; 1 if this call ran it. */
+static inline int tn_parked_work_try_run(struct tn_parked_work *work, int by_parked) {
+    if (!tn_parked_work_take(work))
+        return 0;
+    tn_parked_work_run_early(work);
+    tn_parked_work_complete(work, by_parked);
     return 1;
+}
+
+static inline void tn_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
 }
 
 /* Done (or never posted) once this returns: runs it here if still posted, else
@@ -81,17 +109,24 @@ static inline int tn_parked_work_try_run(struct tn_parked_work *work, int by_par
 static inline void tn_parked_work_wait(struct tn_parked_work *work) {
     if (tn_parked_work_try_run(work, 0))
         return;
-    while (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) == TN_WORK_TAKEN) {
-#if defined(__x86_64__) || defined(__i386__)
-        __builtin_ia32_pause();
-#endif
-    }
+    while (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) == TN_WORK_TAKEN)
+        tn_cpu_relax();
+}
+
+/* Its early part done (or never posted) once this returns: the whole work runs here
+ * if still posted, else this waits for the thread running it to get that far. */
+static inline void tn_parked_work_wait_early(struct tn_parked_work *work) {
+    if (tn_parked_work_try_run(work, 0))
+        return;
+    while (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) == TN_WORK_TAKEN &&
+           !__atomic_load_n(&work->early_done, __ATOMIC_ACQUIRE))
+        tn_cpu_relax();
 }
 
 /* The parked work slot in obj: a writable buffer of TN_PARKED_WORK_SLOT_BYTES or
  * more, 16-byte aligned; sets ValueError (or TypeError) and returns NULL otherwise.
  * The caller releases view. */
-#define TN_PARKED_WORK_SLOT_BYTES 128
+#define TN_PARKED_WORK_SLOT_BYTES 256
 void *tn_parked_work_slot(PyObject *obj, Py_buffer *view);
 
 /* O& converters (with Py_CLEANUP_SUPPORTED) for read-only / writable
@@ -146,6 +181,11 @@ PyObject *tn_delta_decode(PyObject *self, PyObject *args, PyObject *kw);
 /* kvm.c */
 PyObject *tn_kvm_run(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_get_dirty_log(PyObject *self, PyObject *args, PyObject *kw);
+/* KVM_GET_DIRTY_LOG of a slot into bitmap (len bytes); with out (len bytes): also
+ * out = bitmap | extra (extra, if not NULL, zeroed) and *count = pages set. 0 or
+ * -errno; no GIL needed. */
+int tn_read_dirty_log(int vm_fd, unsigned int slot, unsigned char *bitmap, unsigned char *extra,
+                      unsigned char *out, size_t len, Py_ssize_t *count);
 PyObject *tn_kvm_get_vcpu_state(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_spin_until_set(PyObject *self, PyObject *args, PyObject *kw);
@@ -163,5 +203,8 @@ PyObject *tn_wp_protect(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_wp_copy(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_wp_protect_bitmap_post(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_wp_protect_bitmap_finish(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_wp_capture_post(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_wp_capture_count(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_wp_release(PyObject *self, PyObject *args, PyObject *kw);
 
 #endif

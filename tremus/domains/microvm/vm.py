@@ -361,7 +361,10 @@ class MicroVM:
         its buffer is reused, allocated once). With manual dirty-log protection
         KVM only reports them here; they are cleared and write-protected again
         (the per-page part) by ``resume``, or after it by copy-on-write capture,
-        which holds every one of them protected until then."""
+        which holds every one of them protected until then. A capture posted for
+        this pause (copy-on-write's ``at_park``) is undone first: these pages are
+        for copying in the pause."""
+        self._abandon_capture()
         self.read_dirty_bitmap()
         return self.dirty_pfns()
 
@@ -370,11 +373,45 @@ class MicroVM:
         of little-endian u64 word ``i // 64`` is page ``i``) and how many there are,
         valid until the next read. Copy-on-write protects them from it in the
         pause; ``dirty_pfns`` lists them after the resume."""
-        self._rearm_dirty_log()  # a read that no resume followed
-        count = self._native.get_dirty_log(self._vm_fd, 0, self._kvm_bitmap, self._vmm_bitmap,
-                                           self._dirty_bitmap)
+        cow = self._cow
+        if cow is not None and cow.posted_at_park:
+            # Read as the vCPU parked, and protected by now if copy-on-write takes them.
+            count = cow.claim_at_park()
+        else:
+            self._rearm_dirty_log()  # a read that no resume followed
+            count = self._native.get_dirty_log(self._vm_fd, 0, self._kvm_bitmap,
+                                               self._vmm_bitmap, self._dirty_bitmap)
         self._dirty_to_rearm = self._manual_dirty_log
         return memoryview(self._dirty_bitmap), count
+
+    def _post_capture(self) -> None:
+        """Before the kick, if copy-on-write asks for it (``at_park``): the vCPU
+        thread reads the dirty log and write-protects the dirty pages as it parks,
+        the longest steps of the pause under way before this thread has woken. Only
+        the vCPU thread writes guest RAM (device emulation runs on it), so none is
+        written between that read and the resume."""
+        cow = self._cow
+        if cow is None or not cow.at_park or not cow.idle:
+            return
+        self._rearm_dirty_log()
+        cow.post_at_park(self._vm_fd, 0, self._kvm_bitmap, self._vmm_bitmap, self._dirty_bitmap)
+
+    def _abandon_capture(self) -> None:
+        """A capture posted for this pause that nobody claimed: nothing stays
+        protected, and its pages count as dirty at the next read (KVM's bits are
+        still set; the VMM's were merged into the bitmap, and go back)."""
+        cow = self._cow
+        if cow is None or not cow.posted_at_park:
+            return
+        try:
+            count = cow.claim_at_park()
+        except OSError:
+            return  # the dirty log was not read: nothing changed
+        if count >= cow.min_pages:
+            cow.release_all()
+        merged = (int.from_bytes(self._dirty_bitmap, "little")
+                  | int.from_bytes(self._vmm_bitmap, "little"))
+        self._vmm_bitmap[:] = merged.to_bytes(len(self._vmm_bitmap), "little")
 
     def dirty_pfns(self) -> memoryview:
         """The pfns of the last ``read_dirty_bitmap``, ascending (valid until the
@@ -476,6 +513,7 @@ class MicroVM:
             raise DomainError("suspend() of a micro-VM that is not running")
         self._parked_event = trio.Event()
         requested = time.perf_counter_ns()
+        self._post_capture()
         with self._cond:
             self._want_pause = True
             self._park_flags[0] = 0
@@ -513,8 +551,8 @@ class MicroVM:
 
     async def resume(self) -> None:
         # Work posted to the parked vCPU thread (copy-on-write's write-protect) is
-        # done before the guest may write again.
-        self._native.parked_work_wait(self._parked_work)
+        # done by it before it lets the guest run: no need to wait for it here.
+        self._abandon_capture()
         if self._dirty_to_rearm and not (self._cow is not None and self._cow.rearm_due):
             self._rearm_dirty_log()
         with self._cond:
