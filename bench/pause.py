@@ -20,17 +20,20 @@ Per row, medians over the epochs:
 * ``pause_us`` (``_p90``, ``_max``) — from "vCPU stopped" to "vCPU running again";
 * ``steps_us`` — the engine's own work inside the pause (dirty log + capture + state);
 * the breakdown of the pause: ``wake_us`` (vCPU parked -> ``suspend()`` returned in
-  the Trio thread), ``dirty_log_us`` (read the dirty log as a bitmap: with KVM's manual
-  dirty-log protection, clearing it is left to ``resume``, or under copy-on-write to
-  the copy after it), ``capture_us`` (copy: list the pfns and copy the pages; cow:
-  hand the write-protect of their units over to the parked vCPU thread, which runs
-  it on its own CPU while this thread goes on; the pfns are listed after the
-  resume),
-  ``state_us`` (snapshot the vCPU and device state; encoding it waits until after
-  the resume, as in the engine), ``release_us`` (state saved -> resume
-  released the vCPU: copy rows clear the dirty log there, cow rows wait there for
-  the write-protect to be done), ``reentry_us``
-  (released -> the vCPU thread back in KVM_RUN). They add up to ``pause_us`` roughly;
+  the Trio thread), ``dirty_log_us`` (the dirty log as a bitmap: copy rows read it
+  here; cow rows, as the engine after its first checkpoint, posted the capture to
+  the vCPU thread before the kick (``at_park``), which read the log as it parked,
+  then its registers, then write-protects the dirty pages' units on its own CPU:
+  this is the wait for that read. With KVM's manual dirty-log protection, clearing
+  it is left to ``resume``, or under copy-on-write to the copy after it),
+  ``capture_us`` (copy: list the pfns and copy the pages; cow: nothing left to do,
+  the pfns are listed after the resume), ``state_us`` (snapshot the vCPU and device
+  state; encoding it waits until after the resume, as in the engine),
+  ``release_us`` (state saved -> ``resume`` released the vCPU: copy rows clear the
+  dirty log there; the vCPU thread finishes the write-protect before it enters
+  KVM_RUN, so nobody waits for it here), ``reentry_us`` (released -> the vCPU
+  thread back in KVM_RUN: under cow, after the write-protect). They add up to
+  ``pause_us`` roughly;
 * cow only, what the guest pays after the pause: ``copy_us`` (the copy after resume),
   ``cow_faults`` / ``cow_faults_max`` (guest writes per epoch that waited for their
   unit) and ``fault_serve_us_max`` (the longest time serving one such fault: copying
