@@ -293,3 +293,42 @@ async def test_a_suspend_right_after_a_resume_stops_the_guest(workload: str) -> 
             await vm.resume()
             assert not vm.suspended
         vm.stop()
+
+
+async def test_the_registers_a_park_reads_from_kvm_run_are_those_kvm_would_give() -> None:
+    """The parked vCPU reads its general and special registers from the copy KVM
+    stores in kvm_run as KVM_RUN returns (``kvm_sync_regs``): the same bytes as the
+    ioctls give, at each of several pauses. A vCPU whose registers were set by ioctl
+    and that has not run since parks with them read by ioctl (the copy in kvm_run
+    is stale then, and dropped)."""
+    from tremus.accel import native
+
+    assert native is not None
+    log = ConsoleLog()
+    vm = boot(log, workload="counter", memory="4M", interval_ms="5")
+    assert vm._vcpu.registers_in_run  # type: ignore[attr-defined]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.run)
+        for lines in range(1, 6):
+            await log.wait_until(lambda c, n=lines: len(c.counters()) >= n)
+            await vm.suspend()
+            parked = vm._parked_registers()  # type: ignore[attr-defined]
+            regs, sregs, fpu = native.kvm_get_vcpu_state(vm._vcpu.fd)  # type: ignore[attr-defined]
+            assert parked == regs + sregs + fpu
+            await vm.resume()
+        vm.stop()
+
+    fresh = boot(workload="counter", memory="4M")  # registers set by ioctl, never run
+    try:
+        vcpu = fresh._vcpu  # type: ignore[attr-defined]
+        wake = os.eventfd(0, os.EFD_NONBLOCK)
+        flags = bytearray(8)
+        flags[1] = 1
+        flags[4:8] = (-1).to_bytes(4, "little", signed=True)
+        state = bytearray(len(fresh._parked_state))  # type: ignore[attr-defined]
+        rc, _ = native.kvm_wait_run(wake, -1, flags, 0, vcpu.fd, state, None, vcpu.run)
+        os.close(wake)
+        assert rc == 0 and flags[2] == 1 and flags[3] == 0
+        assert bytes(state) == b"".join(native.kvm_get_vcpu_state(vcpu.fd))
+    finally:
+        fresh.close()

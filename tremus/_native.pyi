@@ -102,9 +102,10 @@ def kvm_get_vcpu_state(vcpu_fd: int) -> tuple[bytes, bytes, bytes]:
 
 def kvm_wait_run(wait_fd: int, vcpu_fd: int, flags: Buffer, spin_ns: int = 0,
                  save_fd: int = -1, state: Buffer | None = None,
-                 work: Buffer | None = None) -> tuple[int, int]:
+                 work: Buffer | None = None, run: Buffer | None = None) -> tuple[int, int]:
     """Park (GIL released): set ``flags[0]``; with ``save_fd`` >= 0 read that vCPU's
-    kvm_regs, kvm_sregs and kvm_fpu into ``state`` and set ``flags[2]`` (``flags[3]``:
+    kvm_regs, kvm_sregs and kvm_fpu into ``state`` (the first two from its kvm_run
+    mapping ``run`` if KVM stored them there: ``kvm_sync_regs``) and set ``flags[2]`` (``flags[3]``:
     errno & 0xff of a failed read, else 0); wait until ``flags[1]`` is set (spinning
     up to ``spin_ns``, then sleeping on the eventfd ``wait_fd``, written after it;
     sleeping at once if ``flags[4:8]`` holds, as an int32, the CPU this thread is on),
@@ -113,6 +114,11 @@ def kvm_wait_run(wait_fd: int, vcpu_fd: int, flags: Buffer, spin_ns: int = 0,
     posted before the park, as it parks (its early part before the registers are
     read); posted later, while it spins; in any case before KVM_RUN. Returns (0 or
     -errno, CLOCK_MONOTONIC ns once the wait ended and the work was done)."""
+
+def kvm_sync_regs(vm_fd: int, run: Buffer) -> bool:
+    """Ask KVM to store the vCPU's kvm_regs and kvm_sregs in its kvm_run mapping
+    ``run`` whenever KVM_RUN returns (False: it cannot), dropping any copy stored so
+    far: call it again after setting the registers by ioctl."""
 
 def clear_dirty_log(vm_fd: int, slot: int, bitmap: Buffer, pages: int) -> None:
     """KVM_CLEAR_DIRTY_LOG over a whole slot of ``pages`` pages: clear the bits set in

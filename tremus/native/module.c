@@ -92,6 +92,8 @@ static PyMethodDef methods[] = {
      "get_dirty_log(vm_fd, slot, bitmap) -> None"},
     {"kvm_get_vcpu_state", KW tn_kvm_get_vcpu_state, METH_VARARGS | METH_KEYWORDS,
      "kvm_get_vcpu_state(vcpu_fd) -> (regs, sregs, fpu) as bytes"},
+    {"kvm_sync_regs", KW tn_kvm_sync_regs, METH_VARARGS | METH_KEYWORDS,
+     "kvm_sync_regs(vm_fd, run) -> bool"},
     {"kvm_wait_run", KW tn_kvm_wait_run, METH_VARARGS | METH_KEYWORDS,
      "kvm_wait_run(wait_fd, vcpu_fd, flags, spin_ns=0, save_fd=-1, state=None, work=None) -> (0 or -errno, resumed_ns)"},
     {"clear_dirty_log", KW tn_clear_dirty_log, METH_VARARGS | METH_KEYWORDS,

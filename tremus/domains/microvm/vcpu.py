@@ -14,6 +14,7 @@ from tremus.domains.microvm import _kvm, abi
 
 assert native is not None, "the micro-VM needs the native helper"
 native_get_state = native.kvm_get_vcpu_state
+native_sync_regs = native.kvm_sync_regs
 
 _IO = struct.Struct("<BBHIQ")
 
@@ -26,6 +27,13 @@ class Vcpu:
         self.fd = fcntl.ioctl(vm_fd, _kvm.KVM_CREATE_VCPU, index)
         size = fcntl.ioctl(kvm_fd, _kvm.KVM_GET_VCPU_MMAP_SIZE, 0)
         self.run = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._vm_fd = vm_fd
+        #: KVM stores the general and special registers in ``run`` as each KVM_RUN
+        #: returns: a park reads them from there (one vCPU ioctl fewer, ~7 us each).
+        self.registers_in_run = self._keep_registers_in_run()
+
+    def _keep_registers_in_run(self) -> bool:
+        return bool(native_sync_regs(self._vm_fd, self.run))
 
     def close(self) -> None:
         try:
@@ -52,6 +60,8 @@ class Vcpu:
 
     def set(self, request: int, value: ctypes.Structure) -> None:
         _kvm.ioctl_struct(self.fd, request, value)
+        if self.registers_in_run:
+            self._keep_registers_in_run()  # the copy in run is stale until the next run
 
     def boot_long_mode(self, entry: int) -> None:
         """Registers for a 64-bit guest entered at ``entry`` with paging already set up."""

@@ -753,7 +753,7 @@ class MicroVM:
             run_fd = -1 if self._halted else self._vcpu.fd
             rc, self.resumed_at_ns = self._native.kvm_wait_run(
                 self._resume_fd, run_fd, self._park_flags, _RELEASE_SPIN_NS,
-                self._vcpu.fd, self._parked_state, self._parked_work)
+                self._vcpu.fd, self._parked_state, self._parked_work, self._vcpu.run)
             with self._cond:
                 if self._want_stop:
                     self._parked = False
