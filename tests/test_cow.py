@@ -271,17 +271,19 @@ def test_work_posted_before_the_park_runs_as_the_thread_parks_and_before_it_leav
     wake = os.eventfd(0, os.EFD_NONBLOCK)
     try:
         dirty = [0, 9, PAGES - 2]
+        posted_at = time.perf_counter_ns()
         cow.protect_bitmap(sum(1 << pfn for pfn in dirty).to_bytes(PAGES // 8, "little"))
         assert _write_protected(ram) == []  # posted, not run yet
         flags = bytearray(8)
         flags[1] = 1  # released before it even parks
         flags[4:8] = (-1).to_bytes(4, "little", signed=True)
-        rc, _ = native.kvm_wait_run(wake, -1, flags, 30_000_000_000, work=slot)
+        rc, left_at = native.kvm_wait_run(wake, -1, flags, 30_000_000_000, work=slot)
         assert rc == 0 and flags[0] == 1
         assert _write_protected(ram) == dirty  # done by then, by that thread
         at_protect = bytes(ram)
         staging = bytearray(len(dirty) * PAGE)
-        cow.copy(array("Q", dirty).tobytes(), staging)
+        stats = cow.copy(array("Q", dirty).tobytes(), staging)
+        assert posted_at < stats.protected_at_ns <= left_at  # the time the engine counts
         assert cow.protects_on_parked_thread == 1
         assert bytes(staging) == b"".join(at_protect[p * PAGE : (p + 1) * PAGE] for p in dirty)
         assert _write_protected(ram) == []

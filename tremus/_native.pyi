@@ -167,9 +167,9 @@ def wp_protect_bitmap_post(slot: Buffer, fd: int, ram: Buffer, bitmap: Buffer,
     ``kvm_wait_run`` runs it); ``ram`` and ``bitmap`` must stay as they are until
     ``wp_protect_bitmap_finish``. ValueError if the slot holds unfinished work."""
 
-def wp_protect_bitmap_finish(slot: Buffer) -> tuple[int, bool]:
+def wp_protect_bitmap_finish(slot: Buffer) -> tuple[int, bool, int]:
     """The posted protect, done (run here if nobody took it): (ioctls made, whether
-    the parked thread ran it); OSError as ``wp_protect_bitmap`` would raise. The slot
+    the parked thread ran it, CLOCK_MONOTONIC ns when it was done); OSError as ``wp_protect_bitmap`` would raise. The slot
     is then free."""
 
 def wp_capture_post(slot: Buffer, vm_fd: int, mem_slot: int, log: Buffer,

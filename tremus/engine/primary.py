@@ -557,6 +557,9 @@ class PrimarySession:
         # it keeps them (the micro-VM does), else as seen from here.
         stopped_ns = getattr(domain, "stopped_at_ns", 0)
         released_ns = getattr(domain, "released_at_ns", 0)
+        if copied is not None:
+            # The vCPU thread lets the guest run once its protect is done, not before.
+            released_ns = max(released_ns, copied.protected_at_ns)
         if stopped_ns and released_ns > stopped_ns:
             pause_us = (released_ns - stopped_ns) / 1e3
         else:

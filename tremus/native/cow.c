@@ -410,9 +410,9 @@ done:
     return result;
 }
 
-/* wp_protect_bitmap_finish(slot) -> (ioctls made, ran on the parked thread): done
- * once it returns (run here if nobody took it), as wp_protect_bitmap would have
- * returned; the slot is idle again. */
+/* wp_protect_bitmap_finish(slot) -> (ioctls made, ran on the parked thread, done at
+ * CLOCK_MONOTONIC ns): done once it returns (run here if nobody took it), as
+ * wp_protect_bitmap would have returned; the slot is idle again. */
 PyObject *tn_wp_protect_bitmap_finish(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"slot", NULL};
     PyObject *slot_obj, *result = NULL;
@@ -433,7 +433,8 @@ PyObject *tn_wp_protect_bitmap_finish(PyObject *self, PyObject *args, PyObject *
     Py_END_ALLOW_THREADS
     PyObject *protected = protected_result(&job->prot);
     if (protected != NULL) {
-        result = Py_BuildValue("(NO)", protected, job->work.by_parked ? Py_True : Py_False);
+        result = Py_BuildValue("(NOK)", protected, job->work.by_parked ? Py_True : Py_False,
+                               (unsigned long long)job->work.done_ns);
     }
     __atomic_store_n(&job->work.state, TN_WORK_IDLE, __ATOMIC_RELEASE);
 done:

@@ -421,7 +421,8 @@ static int move_away_from(int cpu, cpu_set_t *original) {
  * is harmless). With ``save_fd`` >= 0 it then reads that vCPU's registers into
  * ``state`` (kvm_regs, kvm_sregs, kvm_fpu back to back) and sets flags[2] ("state
  * saved"; flags[3] holds errno & 0xff if a read failed): the controlling thread goes
- * on with its pause while they are read (~35 us of three ioctls here), and waits for
+ * on with its pause while they are read (~13 us: the FPU by ioctl, the rest from run
+ * if KVM stores them there, see kvm_sync_regs; 21-23 us by three ioctls), and waits for
  * flags[2] only when it needs them. If flags[4:8] holds the CPU the controlling
  * thread runs on (int32, native order; -1: unknown) and this thread is on that CPU
  * too (the scheduler put them together in about 4 pauses out of 10 here), it moves

@@ -118,7 +118,7 @@ static PyMethodDef methods[] = {
     {"wp_protect_bitmap_post", KW tn_wp_protect_bitmap_post, METH_VARARGS | METH_KEYWORDS,
      "wp_protect_bitmap_post(slot, fd, ram, bitmap, unit_pages=1) -> None"},
     {"wp_protect_bitmap_finish", KW tn_wp_protect_bitmap_finish, METH_VARARGS | METH_KEYWORDS,
-     "wp_protect_bitmap_finish(slot) -> (ioctls made, ran on the parked thread)"},
+     "wp_protect_bitmap_finish(slot) -> (ioctls made, ran on the parked thread, done_ns)"},
     {"wp_capture_post", KW tn_wp_capture_post, METH_VARARGS | METH_KEYWORDS,
      "wp_capture_post(slot, vm_fd, mem_slot, log, extra, out, fd, ram, unit_pages=1, "
      "min_pages=1) -> None"},

@@ -20,6 +20,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <time.h>
 #include <string.h>
 #include <endian.h>
 
@@ -66,6 +67,7 @@ struct tn_parked_work {
     uint32_t early_done; /* its early part ran (set before the rest runs) */
     void (*early)(struct tn_parked_work *work); /* NULL: none */
     void (*run)(struct tn_parked_work *work);
+    uint64_t done_ns; /* CLOCK_MONOTONIC when it was done */
 };
 
 /* Take posted work nobody took yet; 1 if this call took it (it must then run it). */
@@ -84,8 +86,11 @@ static inline void tn_parked_work_run_early(struct tn_parked_work *work) {
 }
 
 static inline void tn_parked_work_complete(struct tn_parked_work *work, int by_parked) {
+    struct timespec now;
     work->by_parked = (uint32_t)by_parked;
     work->run(work);
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    work->done_ns = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
     __atomic_store_n(&work->state, TN_WORK_DONE, __ATOMIC_RELEASE);
 }
 
