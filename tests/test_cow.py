@@ -301,6 +301,17 @@ def test_a_parked_work_slot_holds_one_protect_at_a_time() -> None:
     try:
         with pytest.raises(ValueError, match="no protect was posted"):
             native.wp_protect_bitmap_finish(slot)
+        with pytest.raises(ValueError, match="no capture was posted"):
+            native.wp_capture_count(slot)
+        with pytest.raises(ValueError, match="as large as out"):
+            native.wp_capture_post(slot, -1, 0, bytearray(32), None, bytearray(40), -1, ram)
+        with pytest.raises(ValueError, match=f"out has 24 bytes, {PAGES} pages need 32"):
+            native.wp_capture_post(slot, -1, 0, bytearray(24), None, bytearray(24), -1, ram)
+        # A capture whose dirty-log read fails protects nothing and says so.
+        native.wp_capture_post(slot, -1, 0, bytearray(32), None, bytearray(32), -1, ram)
+        with pytest.raises(OSError, match="KVM_GET_DIRTY_LOG"):
+            native.wp_capture_count(slot)
+        assert _write_protected(ram) == []
         native.parked_work_wait(slot)  # nothing posted: returns at once
         with pytest.raises(ValueError, match="16-byte aligned buffer of"):
             native.parked_work_wait(bytearray(8))

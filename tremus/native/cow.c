@@ -364,6 +364,15 @@ static void capture_read_log(struct tn_parked_work *work) {
     job->protecting = rc == 0 && job->count >= job->min_pages;
 }
 
+/* The job protects the units of ram (userfaultfd fd) holding the pages set in bitmap. */
+static void job_protects(struct wp_job *job, int fd, const Py_buffer *ram, struct units u,
+                         const unsigned char *bitmap) {
+    job->prot.fd = fd;
+    job->prot.base = (uint64_t)(uintptr_t)ram->buf;
+    job->units = u;
+    job->bitmap = bitmap;
+}
+
 /* Claim an idle (or finished) slot for a job; ValueError if it holds unfinished work. */
 static struct wp_job *claim_slot(PyObject *slot_obj, Py_buffer *slot) {
     struct wp_job *job = tn_parked_work_slot(slot_obj, slot);
@@ -396,10 +405,7 @@ PyObject *tn_wp_protect_bitmap_post(PyObject *self, PyObject *args, PyObject *kw
     struct wp_job *job = claim_slot(slot_obj, &slot);
     if (job == NULL)
         goto done;
-    job->prot.fd = fd;
-    job->prot.base = (uint64_t)(uintptr_t)ram.buf;
-    job->units = u;
-    job->bitmap = bitmap.buf;
+    job_protects(job, fd, &ram, u, bitmap.buf);
     job->protecting = 1;
     __atomic_store_n(&job->work.state, TN_WORK_POSTED, __ATOMIC_RELEASE);
     result = Py_NewRef(Py_None);
@@ -410,24 +416,39 @@ done:
     return result;
 }
 
+static void capture_read_log(struct tn_parked_work *work);
+
+/* Parse (slot) and give its job, posted and of the kind asked for (a capture, or any
+ * protect); NULL with ValueError otherwise. The caller releases slot. */
+static struct wp_job *posted_job(PyObject *args, PyObject *kw, const char *format,
+                                 Py_buffer *slot, int capture) {
+    static char *kwlist[] = {"slot", NULL};
+    PyObject *slot_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, format, kwlist, &slot_obj))
+        return NULL;
+    struct wp_job *job = tn_parked_work_slot(slot_obj, slot);
+    if (job == NULL)
+        return NULL;
+    if (__atomic_load_n(&job->work.state, __ATOMIC_ACQUIRE) == TN_WORK_IDLE ||
+        job->work.run != wp_job_run || (capture && job->work.early != capture_read_log)) {
+        PyErr_Format(PyExc_ValueError, "no %s was posted to this slot",
+                     capture ? "capture" : "protect");
+        PyBuffer_Release(slot);
+        return NULL;
+    }
+    return job;
+}
+
 /* wp_protect_bitmap_finish(slot) -> (ioctls made, ran on the parked thread, done at
  * CLOCK_MONOTONIC ns): done once it returns (run here if nobody took it), as
  * wp_protect_bitmap would have returned; the slot is idle again. */
 PyObject *tn_wp_protect_bitmap_finish(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"slot", NULL};
-    PyObject *slot_obj, *result = NULL;
+    PyObject *result = NULL;
     Py_buffer slot = {0};
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O:wp_protect_bitmap_finish", kwlist, &slot_obj))
-        return NULL;
-    struct wp_job *job = tn_parked_work_slot(slot_obj, &slot);
+    struct wp_job *job = posted_job(args, kw, "O:wp_protect_bitmap_finish", &slot, 0);
     if (job == NULL)
         return NULL;
-    if (__atomic_load_n(&job->work.state, __ATOMIC_ACQUIRE) == TN_WORK_IDLE ||
-        job->work.run != wp_job_run) {
-        PyErr_SetString(PyExc_ValueError, "no protect was posted to this slot");
-        goto done;
-    }
     Py_BEGIN_ALLOW_THREADS
     tn_parked_work_wait(&job->work);
     Py_END_ALLOW_THREADS
@@ -437,7 +458,6 @@ PyObject *tn_wp_protect_bitmap_finish(PyObject *self, PyObject *args, PyObject *
                                (unsigned long long)job->work.done_ns);
     }
     __atomic_store_n(&job->work.state, TN_WORK_IDLE, __ATOMIC_RELEASE);
-done:
     PyBuffer_Release(&slot);
     return result;
 }
@@ -484,10 +504,7 @@ PyObject *tn_wp_capture_post(PyObject *self, PyObject *args, PyObject *kw) {
     struct wp_job *job = claim_slot(slot_obj, &slot);
     if (job == NULL)
         goto done;
-    job->prot.fd = fd;
-    job->prot.base = (uint64_t)(uintptr_t)ram.buf;
-    job->units = u;
-    job->bitmap = out.buf;
+    job_protects(job, fd, &ram, u, out.buf);
     job->vm_fd = vm_fd;
     job->mem_slot = mem_slot;
     job->log = log.buf;
@@ -512,20 +529,12 @@ done:
  * runs (or ran), and wp_protect_bitmap_finish must follow; else the slot is done
  * with. OSError if the dirty log could not be read (nothing is protected then). */
 PyObject *tn_wp_capture_count(PyObject *self, PyObject *args, PyObject *kw) {
-    static char *kwlist[] = {"slot", NULL};
-    PyObject *slot_obj, *result = NULL;
+    PyObject *result = NULL;
     Py_buffer slot = {0};
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O:wp_capture_count", kwlist, &slot_obj))
-        return NULL;
-    struct wp_job *job = tn_parked_work_slot(slot_obj, &slot);
+    struct wp_job *job = posted_job(args, kw, "O:wp_capture_count", &slot, 1);
     if (job == NULL)
         return NULL;
-    if (__atomic_load_n(&job->work.state, __ATOMIC_ACQUIRE) == TN_WORK_IDLE ||
-        job->work.early != capture_read_log) {
-        PyErr_SetString(PyExc_ValueError, "no capture was posted to this slot");
-        goto done;
-    }
     Py_BEGIN_ALLOW_THREADS
     tn_parked_work_wait_early(&job->work);
     Py_END_ALLOW_THREADS
@@ -535,7 +544,6 @@ PyObject *tn_wp_capture_count(PyObject *self, PyObject *args, PyObject *kw) {
     } else {
         result = Py_BuildValue("(nO)", job->count, job->protecting ? Py_True : Py_False);
     }
-done:
     PyBuffer_Release(&slot);
     return result;
 }
