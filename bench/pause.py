@@ -74,6 +74,7 @@ async def measure(pages: int, epochs: int, method: str) -> dict[str, float | int
     parts: dict[str, list[float]] = {k: [] for k in (
         "wake_us", "dirty_log_us", "capture_us", "state_us", "release_us", "reentry_us")}
     copies: list[CopyStats] = []
+    on_vcpu_thread: list[bool] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(vm.run)
         await vm.suspend()
@@ -100,7 +101,9 @@ async def measure(pages: int, epochs: int, method: str) -> dict[str, float | int
             encode_state()
             if cow is not None and protected:
                 pfns = vm.dirty_pfns()
+                before = cow.protects_on_parked_thread
                 copies.append(await trio.to_thread.run_sync(cow.copy, pfns, staging))
+                on_vcpu_thread.append(cow.protects_on_parked_thread > before)
             while vm.resumed_at_ns < vm.stopped_at_ns:
                 await trio.sleep(0)
             rows.append((count, (vm.resumed_at_ns - vm.stopped_at_ns) / 1e3,
@@ -127,15 +130,14 @@ async def measure(pages: int, epochs: int, method: str) -> dict[str, float | int
         **{key: round(statistics.median(values[1:]), 1) for key, values in parts.items()},
     }
     if copies:
-        copies = copies[1:]
+        copies, on_vcpu_thread = copies[1:], on_vcpu_thread[1:]
         row.update({
             "copy_us": round(statistics.median(c.copy_us for c in copies), 1),
             "cow_faults": statistics.median(c.faults for c in copies),
             "cow_faults_max": max(c.faults for c in copies),
             "fault_serve_us_max": round(max(c.serve_max_us for c in copies), 1),
             "unit_pages": cow.unit_pages if cow is not None else 1,
-            "protect_on_parked_thread": round(
-                cow.protects_on_parked_thread / (len(copies) + 1), 2) if cow is not None else 0,
+            "protect_on_parked_thread": round(sum(on_vcpu_thread) / len(on_vcpu_thread), 2),
         })
     return row
 
