@@ -408,7 +408,10 @@ class MicroVM:
         except OSError:
             return  # the dirty log was not read: nothing changed
         if count >= cow.min_pages:
-            cow.release_all()
+            try:
+                cow.release_all()
+            except OSError:
+                pass  # the protect failed, and lifted what it had set
         merged = (int.from_bytes(self._dirty_bitmap, "little")
                   | int.from_bytes(self._vmm_bitmap, "little"))
         self._vmm_bitmap[:] = merged.to_bytes(len(self._vmm_bitmap), "little")
