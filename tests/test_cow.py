@@ -217,19 +217,40 @@ def test_exactly_the_units_holding_a_dirty_page_are_protected(unit_pages: int,
         ram.close()
 
 
-def test_a_parked_thread_runs_the_protect_posted_to_it() -> None:
-    """``kvm_wait_run`` (here without a vCPU) runs the protect posted to its slot
-    while it waits to be released: the units are protected without the poster doing
-    anything, the copy finds it done by the parked thread, and the thread is then
-    released as before."""
+@pytest.fixture
+def posting() -> Iterator[tuple[mmap.mmap, mmap.mmap, CopyOnWrite, int]]:
+    """Random RAM of PAGES pages, a parked work slot, copy-on-write posting to that
+    slot, and an eventfd for a parked thread to wait on."""
     ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     ram[:] = os.urandom(len(ram))
     slot = mmap.mmap(-1, mmap.PAGESIZE)
     cow = _cow_or_skip(ram, slot)
-    assert native is not None
     wake = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        yield ram, slot, cow, wake
+    finally:
+        os.close(wake)
+        cow.close()
+        ram.close()
+
+
+def _park_flags(*, released: bool) -> bytearray:
+    """``kvm_wait_run``'s flags: released or not, the controlling CPU unknown."""
     flags = bytearray(8)
+    flags[1] = int(released)
     flags[4:8] = (-1).to_bytes(4, "little", signed=True)
+    return flags
+
+
+def test_a_parked_thread_runs_the_protect_posted_to_it(
+        posting: tuple[mmap.mmap, mmap.mmap, CopyOnWrite, int]) -> None:
+    """``kvm_wait_run`` (here without a vCPU) runs the protect posted to its slot
+    while it waits to be released: the units are protected without the poster doing
+    anything, the copy finds it done by the parked thread, and the thread is then
+    released as before."""
+    ram, slot, cow, wake = posting
+    assert native is not None
+    flags = _park_flags(released=False)
     result: list[tuple[int, int]] = []
     parked = threading.Thread(target=lambda: result.append(native.kvm_wait_run(
         wake, -1, flags, 30_000_000_000, work=slot)))
@@ -253,44 +274,31 @@ def test_a_parked_thread_runs_the_protect_posted_to_it() -> None:
         flags[1] = 1
         os.eventfd_write(wake, 1)
         parked.join(10)
-        os.close(wake)
-        cow.close()
-        ram.close()
     assert not parked.is_alive() and result and result[0][0] == 0
 
 
-def test_work_posted_before_the_park_runs_as_the_thread_parks_and_before_it_leaves() -> None:
+def test_work_posted_before_the_park_runs_as_the_thread_parks_and_before_it_leaves(
+        posting: tuple[mmap.mmap, mmap.mmap, CopyOnWrite, int]) -> None:
     """A protect posted before ``kvm_wait_run`` is entered is taken as the thread
     parks, and a release that was already there when it parked does not let the
     thread return (and enter KVM_RUN) before the protect is done."""
-    ram = mmap.mmap(-1, PAGES * PAGE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    ram[:] = os.urandom(len(ram))
-    slot = mmap.mmap(-1, mmap.PAGESIZE)
-    cow = _cow_or_skip(ram, slot)
+    ram, slot, cow, wake = posting
     assert native is not None
-    wake = os.eventfd(0, os.EFD_NONBLOCK)
-    try:
-        dirty = [0, 9, PAGES - 2]
-        posted_at = time.perf_counter_ns()
-        cow.protect_bitmap(sum(1 << pfn for pfn in dirty).to_bytes(PAGES // 8, "little"))
-        assert _write_protected(ram) == []  # posted, not run yet
-        flags = bytearray(8)
-        flags[1] = 1  # released before it even parks
-        flags[4:8] = (-1).to_bytes(4, "little", signed=True)
-        rc, left_at = native.kvm_wait_run(wake, -1, flags, 30_000_000_000, work=slot)
-        assert rc == 0 and flags[0] == 1
-        assert _write_protected(ram) == dirty  # done by then, by that thread
-        at_protect = bytes(ram)
-        staging = bytearray(len(dirty) * PAGE)
-        stats = cow.copy(array("Q", dirty).tobytes(), staging)
-        assert posted_at < stats.protected_at_ns <= left_at  # the time the engine counts
-        assert cow.protects_on_parked_thread == 1
-        assert bytes(staging) == b"".join(at_protect[p * PAGE : (p + 1) * PAGE] for p in dirty)
-        assert _write_protected(ram) == []
-    finally:
-        os.close(wake)
-        cow.close()
-        ram.close()
+    dirty = [0, 9, PAGES - 2]
+    posted_at = time.perf_counter_ns()
+    cow.protect_bitmap(sum(1 << pfn for pfn in dirty).to_bytes(PAGES // 8, "little"))
+    assert _write_protected(ram) == []  # posted, not run yet
+    flags = _park_flags(released=True)  # released before it even parks
+    rc, left_at = native.kvm_wait_run(wake, -1, flags, 30_000_000_000, work=slot)
+    assert rc == 0 and flags[0] == 1
+    assert _write_protected(ram) == dirty  # done by then, by that thread
+    at_protect = bytes(ram)
+    staging = bytearray(len(dirty) * PAGE)
+    stats = cow.copy(array("Q", dirty).tobytes(), staging)
+    assert posted_at < stats.protected_at_ns <= left_at  # the time the engine counts
+    assert cow.protects_on_parked_thread == 1
+    assert bytes(staging) == b"".join(at_protect[p * PAGE : (p + 1) * PAGE] for p in dirty)
+    assert _write_protected(ram) == []
 
 
 def test_a_parked_work_slot_holds_one_protect_at_a_time() -> None:

@@ -84,8 +84,9 @@ class CopyOnWrite:
         #: thread has even woken. Left False for a pause that copies everything (a
         #: full checkpoint) or that does not capture.
         self.at_park = False
-        #: The buffers of a posted capture, held until it is claimed.
-        self._capture: tuple[memoryview, ...] | None = None
+        #: The buffers of a posted capture, held until it is claimed: those its
+        #: protect uses (ram, bitmap), and those only its dirty-log read uses.
+        self._capture: tuple[tuple[memoryview, memoryview], tuple[memoryview, ...]] | None = None
         #: ``claim_at_park`` found the pages protected: ``protect_bitmap`` has
         #: nothing left to do for them.
         self._protected_at_park = False
@@ -147,11 +148,11 @@ class CopyOnWrite:
         assert native is not None
         if self._parked_work is None:
             raise ValueError("a capture at park needs the owner's parked work slot")
-        views = (memoryview(self._ram), memoryview(log), memoryview(out),
-                 *(() if extra is None else (memoryview(extra),)))
+        kept = (memoryview(self._ram), memoryview(out))
+        read = (memoryview(log), *(() if extra is None else (memoryview(extra),)))
         native.wp_capture_post(self._parked_work, vm_fd, mem_slot, log, extra, out, self._fd,
                                self._ram, self.unit_pages, self.min_pages)
-        self._capture = views
+        self._capture = (kept, read)
 
     def claim_at_park(self) -> int:
         """In the pause: the dirty pages the posted capture found (waiting for its
@@ -160,24 +161,20 @@ class CopyOnWrite:
         has nothing to do, and ``copy`` must follow as after it. OSError if the dirty
         log could not be read (nothing is protected)."""
         assert native is not None
-        views, self._capture = self._capture, None
-        if views is None:
+        capture, self._capture = self._capture, None
+        if capture is None:
             raise ValueError("no capture was posted")
+        kept, read = capture
+        protecting = False
         try:
             count, protecting = native.wp_capture_count(self._parked_work)
-        except BaseException:
-            for view in views:
+        finally:
+            for view in read if protecting else read + kept:
                 view.release()
-            raise
         if protecting:
-            self._posted = (views[0], views[2])
+            self._posted = kept
             self._protected_at_park = True
             self._rearm_due = self._rearm is not None
-            for view in views[1:2] + views[3:]:
-                view.release()
-        else:
-            for view in views:
-                view.release()
         return int(count)
 
     def release_all(self) -> None:

@@ -346,11 +346,6 @@ static int take_work_of_this_park(struct tn_parked_work *work) {
     return 0;
 }
 
-static void run_taken(struct tn_parked_work *work) {
-    tn_parked_work_run_early(work);
-    tn_parked_work_complete(work, 1);
-}
-
 static int spin_until(const unsigned char *flag, struct tn_parked_work *work,
                       long long timeout_ns) {
     struct timespec start, now;
@@ -359,7 +354,7 @@ static int spin_until(const unsigned char *flag, struct tn_parked_work *work,
     clock_gettime(CLOCK_MONOTONIC, &start);
     for (unsigned int n = 1;; n++) {
         if (work != NULL && take_work_of_this_park(work)) {
-            run_taken(work);
+            tn_parked_work_run_taken(work, 1);
             clock_gettime(CLOCK_MONOTONIC, &start);
         }
         else
@@ -538,7 +533,7 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
      * whether or not the releasing thread waited for it. */
     if (work != NULL) {
         if (take_work_of_this_park(work))
-            run_taken(work);
+            tn_parked_work_run_taken(work, 1);
         while (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) == TN_WORK_TAKEN)
             tn_cpu_relax();
     }
@@ -556,13 +551,10 @@ PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
     goto release;
 refuse:
     result = NULL;
-release:
-    if (state.buf != NULL)
-        PyBuffer_Release(&state);
-    if (work_view.buf != NULL)
-        PyBuffer_Release(&work_view);
-    if (run_view.buf != NULL)
-        PyBuffer_Release(&run_view);
+release: /* a view never filled, or released already, has no owner: a no-op */
+    PyBuffer_Release(&state);
+    PyBuffer_Release(&work_view);
+    PyBuffer_Release(&run_view);
     PyBuffer_Release(&flags);
     return result;
 }

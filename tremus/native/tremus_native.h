@@ -94,12 +94,17 @@ static inline void tn_parked_work_complete(struct tn_parked_work *work, int by_p
     __atomic_store_n(&work->state, TN_WORK_DONE, __ATOMIC_RELEASE);
 }
 
+/* Taken work, whole: its early part, then the rest. */
+static inline void tn_parked_work_run_taken(struct tn_parked_work *work, int by_parked) {
+    tn_parked_work_run_early(work);
+    tn_parked_work_complete(work, by_parked);
+}
+
 /* Run work if it is posted and nobody took it yet; 1 if this call ran it. */
 static inline int tn_parked_work_try_run(struct tn_parked_work *work, int by_parked) {
     if (!tn_parked_work_take(work))
         return 0;
-    tn_parked_work_run_early(work);
-    tn_parked_work_complete(work, by_parked);
+    tn_parked_work_run_taken(work, by_parked);
     return 1;
 }
 
