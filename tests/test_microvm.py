@@ -295,6 +295,46 @@ async def test_a_suspend_right_after_a_resume_stops_the_guest(workload: str) -> 
         vm.stop()
 
 
+async def test_a_park_keeps_the_fpu_state_the_guest_cannot_change_until_it_is_set() -> None:
+    """The guest runs with CR0.EM and without CR4.OSFXSR (every FPU instruction
+    faults), so a park reads the FPU state only when the registers were set since
+    (``Vcpu.set``): a value set that way is what the next park saves; one set behind
+    ``Vcpu``'s back, by a bare ioctl, is not read (the park kept its copy)."""
+    from tremus.accel import native
+    from tremus.domains.microvm import _kvm
+
+    assert native is not None
+    log = ConsoleLog()
+    vm = boot(log, workload="counter", memory="4M", interval_ms="5")
+    vcpu = vm._vcpu  # type: ignore[attr-defined]
+    fpu_at = -len(native.kvm_get_vcpu_state(vcpu.fd)[2])
+
+    async def parked_fpu_after_a_line() -> bytes:
+        await vm.resume()
+        lines = len(log.counters())
+        await log.wait_until(lambda c: len(c.counters()) > lines)
+        await vm.suspend()
+        return vm._parked_registers()[fpu_at:]  # type: ignore[attr-defined,no-any-return]
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(vm.run)
+        await vm.suspend()
+        sregs = vcpu.get(_kvm.KVM_GET_SREGS, _kvm.Sregs)
+        assert sregs.cr0 & 4 and not sregs.cr4 & (1 << 9 | 1 << 18)
+        assert await parked_fpu_after_a_line() == native.kvm_get_vcpu_state(vcpu.fd)[2]
+        fpu = vcpu.get(_kvm.KVM_GET_FPU, _kvm.Fpu)
+        fpu.fcw ^= 0x0C00  # another rounding mode
+        vcpu.set(_kvm.KVM_SET_FPU, fpu)
+        assert await parked_fpu_after_a_line() == bytes(fpu)
+        kept = bytes(fpu)
+        fpu.fcw ^= 0x0300  # another precision, set behind Vcpu's back
+        _kvm.ioctl_struct(vcpu.fd, _kvm.KVM_SET_FPU, fpu)
+        assert await parked_fpu_after_a_line() == kept != bytes(fpu)
+        vcpu.set(_kvm.KVM_SET_FPU, fpu)
+        assert await parked_fpu_after_a_line() == bytes(fpu)
+        vm.stop()
+
+
 async def test_the_registers_a_park_reads_from_kvm_run_are_those_kvm_would_give() -> None:
     """The parked vCPU reads its general and special registers from the copy KVM
     stores in kvm_run as KVM_RUN returns (``kvm_sync_regs``): the same bytes as the

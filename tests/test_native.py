@@ -988,6 +988,155 @@ def test_a_park_on_the_controllers_cpu_moves_off_it_and_back() -> None:
         native.kvm_wait_run(fd, -1, bytearray(8), 0, 3, bytearray(16))
 
 
+def _tiny_park(tiny_vm: TinyVM, wake: int) -> tuple[bytearray, tuple[Any, ...]]:
+    """Flags (32 bytes, the controlling CPU unknown) and the park tuple of the
+    in-C parks, reading the tiny VM's registers."""
+    flags = bytearray(32)
+    struct.pack_into("=i", flags, 4, -1)
+    state = bytearray(4096)
+    assert native is not None
+    return flags, (wake, flags, 1_000_000, tiny_vm.vcpu, state, None, tiny_vm.run)
+
+
+def _stamp(flags: bytearray, offset: int) -> int:
+    return int(struct.unpack_from("=q", flags, offset)[0])
+
+
+@needs_kvm
+def test_kvm_run_parking_parks_in_c_at_a_kick_and_runs_the_guest_again(tiny_vm: TinyVM) -> None:
+    """A kick with a pause asked for (flags[8]) parks the vCPU thread in C, stamped
+    as it left KVM_RUN, its registers saved; released, it enters KVM_RUN again
+    without returning (the guest spins on); a kick with no pause asked for, or a
+    stop (flags[9]), returns -EINTR; the kick's immediate_exit is cleared each time."""
+    assert native is not None
+    signum = signal.SIGRTMIN + 3
+    native.install_kick_handler(signum)
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    flags, park = _tiny_park(tiny_vm, wake)
+    results: list[int] = []
+    started = threading.Event()
+
+    def vcpu_thread() -> None:
+        assert native is not None
+        started.set()
+        results.append(native.kvm_run_parking(tiny_vm.vcpu, park))
+        results.append(native.kvm_run_parking(tiny_vm.vcpu, park))
+
+    thread = threading.Thread(target=vcpu_thread, daemon=True)
+    try:
+        thread.start()
+        started.wait()
+        time.sleep(0.05)
+        assert thread.ident is not None
+        for _ in range(3):
+            flags[0], flags[8] = 0, 1
+            kicked = time.perf_counter_ns()
+            native.kick(thread.ident, tiny_vm.run, signum)
+            assert native.spin_until_set(flags, 10_000_000_000)
+            stopped = _stamp(flags, 16)
+            assert kicked <= stopped <= time.perf_counter_ns()
+            assert native.spin_until_set(memoryview(flags)[2:3], 10_000_000_000)
+            assert flags[3] == 0 and tiny_vm.run[1] == 0
+            time.sleep(0.05)
+            assert not results  # parked, not returned
+            flags[8] = 0
+            released = time.perf_counter_ns()
+            flags[1] = 1
+            os.eventfd_write(wake, 1)
+            deadline = time.monotonic() + 10
+            while _stamp(flags, 24) < released and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert _stamp(flags, 24) >= released
+            time.sleep(0.05)
+            assert not results and thread.is_alive()  # back in KVM_RUN, the guest spinning
+        flags[0] = 0
+        native.kick(thread.ident, tiny_vm.run, signum)  # no pause asked for
+        deadline = time.monotonic() + 10
+        while not results and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert results == [-EINTR] and flags[0] == 0 and tiny_vm.run[1] == 0
+        time.sleep(0.05)
+        flags[8] = 1
+        native.kick(thread.ident, tiny_vm.run, signum)
+        assert native.spin_until_set(flags, 10_000_000_000)
+        flags[9] = 1  # a stop ends the park: no KVM_RUN
+        native.kick(thread.ident, tiny_vm.run, signum)
+        flags[1] = 1
+        os.eventfd_write(wake, 1)
+        thread.join(timeout=10)
+        assert not thread.is_alive() and results == [-EINTR, -EINTR]
+    finally:
+        flags[9] = flags[1] = 1
+        os.eventfd_write(wake, 1)
+        if thread.is_alive() and thread.ident is not None:
+            native.kick(thread.ident, tiny_vm.run, signum)
+        thread.join(timeout=10)
+        os.close(wake)
+        tiny_vm.run[1] = 0
+
+
+@needs_kvm
+def test_poll_or_park_polls_or_parks_in_c(tiny_vm: TinyVM) -> None:
+    """poll_or_park returns the readable fds as a mask (0 at the timeout), parks
+    in C if a pause is asked for before or during the poll (-1 once released; no
+    KVM_RUN: the registers are saved, the stamps set), and never parks on a stop."""
+    assert native is not None
+    wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    first, second = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    flags, park = _tiny_park(tiny_vm, wake)
+    results: list[int] = []
+    thread: threading.Thread | None = None
+    try:
+        assert native.poll_or_park((first, second), 10, park) == 0
+        os.eventfd_write(second, 1)
+        assert native.poll_or_park((first, second), 1000, park) == 2
+        os.eventfd_write(first, 1)
+        assert native.poll_or_park((first, second), 1000, park) == 3
+        with pytest.raises(ValueError):
+            native.poll_or_park((), 0, park)
+        with pytest.raises(ValueError, match="kvm_run"):
+            native.poll_or_park((first,), 0, park[:6] + (None,))
+        with pytest.raises(ValueError, match="32"):
+            native.poll_or_park((first,), 0, (wake, bytearray(8)) + park[2:])
+        os.eventfd_read(first)
+        os.eventfd_read(second)
+        for asked_before in (True, False):
+            flags[0] = flags[2] = 0
+            flags[8] = 1 if asked_before else 0
+            thread = threading.Thread(
+                target=lambda: results.append(native.poll_or_park((first,), -1, park)),
+                daemon=True)
+            thread.start()
+            if not asked_before:
+                time.sleep(0.05)
+                assert not results and flags[0] == 0  # polling
+                flags[8] = 1
+                os.eventfd_write(first, 1)  # as suspend pokes the HLT wait
+            assert native.spin_until_set(flags, 10_000_000_000)
+            assert native.spin_until_set(memoryview(flags)[2:3], 10_000_000_000)
+            assert flags[3] == 0
+            time.sleep(0.05)
+            assert not results
+            flags[8] = 0
+            flags[1] = 1
+            os.eventfd_write(wake, 1)
+            thread.join(timeout=10)
+            assert results.pop() == -1
+            assert _stamp(flags, 24) >= _stamp(flags, 16) > 0
+            if not asked_before:
+                os.eventfd_read(first)
+        flags[8] = flags[9] = 1
+        flags[0] = 0
+        assert native.poll_or_park((first,), 10, park) == 0 and flags[0] == 0
+    finally:
+        flags[1] = flags[9] = 1
+        os.eventfd_write(wake, 1)
+        if thread is not None:
+            thread.join(timeout=10)
+        for fd in (wake, first, second):
+            os.close(fd)
+
+
 def _cpu_of(tid: int) -> int:
     with open(f"/proc/self/task/{tid}/stat") as stat:
         return int(stat.read().rsplit(")", 1)[1].split()[36])

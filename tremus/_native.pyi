@@ -113,7 +113,27 @@ def kvm_wait_run(wait_fd: int, vcpu_fd: int, flags: Buffer, spin_ns: int = 0,
     ``work`` (``wp_protect_bitmap_post``, ``wp_capture_post``) runs on this thread:
     posted before the park, as it parks (its early part before the registers are
     read); posted later, while it spins; in any case before KVM_RUN. Returns (0 or
-    -errno, CLOCK_MONOTONIC ns once the wait ended and the work was done)."""
+    -errno, CLOCK_MONOTONIC ns once the wait ended and the work was done; also
+    stored at ``flags[24:32]`` if ``flags`` has 32 bytes)."""
+
+#: A park in C: (wait_fd, flags, spin_ns, vcpu_fd, state, work, run), as for
+#: ``kvm_wait_run`` (``vcpu_fd`` the vCPU whose registers it reads; ``flags`` of 32
+#: bytes: [8] a pause is asked for, [9] stop, [16:24] and [24:32] the int64
+#: CLOCK_MONOTONIC ns the park began and ended).
+Park = tuple[int, Buffer, int, int, Buffer, Buffer, Buffer]
+
+def kvm_run_parking(vcpu_fd: int, park: Park) -> int:
+    """KVM_RUN (GIL released), parking in C as ``kvm_wait_run`` does whenever it
+    returns EINTR with a pause asked for and no stop, then entering KVM_RUN again
+    once released; ``immediate_exit`` is cleared at every EINTR. Returns the first
+    result that led to no park: 0 or -errno (-EINTR also when a stop ended a park)."""
+
+def poll_or_park(fds: tuple[int, ...], timeout_ms: int, park: Park) -> int:
+    """poll() for input on 1 to 8 ``fds`` (GIL released; ``timeout_ms`` < 0: no
+    limit), parking in C instead, before or after, if a pause is asked for and no
+    stop; no KVM_RUN. -1 if it parked (and was released), else a mask of the fds
+    found readable (bit i: ``fds[i]``; 0: timeout or a signal). OSError if poll or
+    the park's wait failed."""
 
 def kvm_sync_regs(vm_fd: int, run: Buffer) -> bool:
     """Ask KVM to store the vCPU's kvm_regs and kvm_sregs in its kvm_run mapping

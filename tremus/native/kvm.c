@@ -238,24 +238,39 @@ static int read_vcpu_state(int fd, struct kvm_regs *regs, struct kvm_sregs *sreg
     return 0;
 }
 
+#define CR0_EM (1ULL << 2)
+#define CR4_OSFXSR (1ULL << 9)
+#define CR4_OSXSAVE (1ULL << 18)
+
+/* No instruction can change the FPU state of a vCPU with CR0.EM set and neither
+ * CR4.OSFXSR nor CR4.OSXSAVE: x87, MMX, SSE and the FPU save/restore instructions
+ * all fault (the micro-VM's guest is built without them and boots so). */
+static int fpu_frozen(const struct kvm_sregs *sregs) {
+    return (sregs->cr0 & CR0_EM) && !(sregs->cr4 & (CR4_OSFXSR | CR4_OSXSAVE));
+}
+
 /* The registers KVM stored in kvm_run as the last KVM_RUN returned (kvm_sync_regs
  * asked it to), the FPU by ioctl: one vCPU ioctl at the park instead of three (each
- * loads the vCPU's context: ~7 us here). */
+ * loads the vCPU's context: ~7 us here), none if fpu_known (the FPU read before is
+ * still in *fpu, nothing set it since) and the vCPU cannot change its FPU state.
+ * 1 if *fpu was read, 0 if kept, -1 with errno and *what on failure. */
 static int read_vcpu_state_synced(int fd, const struct kvm_run *run, struct kvm_regs *regs,
                                   struct kvm_sregs *sregs, struct kvm_fpu *fpu,
-                                  const char **what) {
+                                  int fpu_known, const char **what) {
     const uint64_t both = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS;
     /* RFLAGS bit 1 is always set in a stored copy: clear, none was stored since the
      * registers were last set by ioctl (kvm_sync_regs cleared it then). */
     if (run == NULL || (run->kvm_valid_regs & both) != both || !(run->s.regs.regs.rflags & 2))
-        return read_vcpu_state(fd, regs, sregs, fpu, what);
+        return read_vcpu_state(fd, regs, sregs, fpu, what) < 0 ? -1 : 1;
     memcpy(regs, &run->s.regs.regs, sizeof *regs);
     memcpy(sregs, &run->s.regs.sregs, sizeof *sregs);
+    if (fpu_known && fpu_frozen(sregs))
+        return 0;
     if (ioctl(fd, KVM_GET_FPU, fpu) < 0) {
         *what = "KVM_GET_FPU";
         return -1;
     }
-    return 0;
+    return 1;
 }
 
 /* kvm_sync_regs(vm_fd, run) -> bool: ask KVM to store the vCPU's general and special
@@ -405,6 +420,193 @@ static int move_away_from(int cpu, cpu_set_t *original) {
     return sched_setaffinity(0, sizeof away, &away) == 0;
 }
 
+/* The park flags shared with the controlling thread (see kvm_wait_run). */
+enum {
+    PARK_PARKED = 0,      /* set by the park once it let go of the GIL */
+    PARK_RELEASED = 1,    /* set by resume()/stop(), before they write wait_fd */
+    PARK_SAVED = 2,       /* the registers are in state */
+    PARK_ERRNO = 3,       /* errno & 0xff of a failed register read, else 0 */
+    PARK_CPU = 4,         /* int32: the CPU the controlling thread runs on, -1 unknown */
+    PARK_WANTED = 8,      /* a pause is asked for: park at the next EINTR or wake-up */
+    PARK_STOP = 9,        /* the vCPU is to stop: never park, leave a park */
+    PARK_FPU_UNREAD = 10, /* the FPU in state is not the vCPU's (set since, or never read) */
+    PARK_STOPPED_NS = 16, /* int64 CLOCK_MONOTONIC ns: a park in C began */
+    PARK_RESUMED_NS = 24, /* int64: the last park ended, its work done */
+    PARK_FLAGS_FULL = 32, /* the flags kvm_run_parking and poll_or_park need */
+};
+
+static long long monotonic_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* A park's buffers and settings, taken from Python once per call. */
+struct park {
+    int wait_fd, save_fd;
+    long long spin_ns;
+    unsigned char *flags;
+    Py_ssize_t flags_len;
+    unsigned char *state;
+    struct tn_parked_work *work;
+    const struct kvm_run *run;
+    Py_buffer flags_view, state_view, work_view, run_view;
+};
+
+static void park_release(struct park *p) {
+    /* a view never filled has no owner: a no-op */
+    PyBuffer_Release(&p->state_view);
+    PyBuffer_Release(&p->work_view);
+    PyBuffer_Release(&p->run_view);
+    PyBuffer_Release(&p->flags_view);
+}
+
+/* Check and hold a park's buffers; 0, or -1 with an exception set (and nothing held). */
+static int park_acquire(struct park *p, int wait_fd, PyObject *flags_obj, long long spin_ns,
+                        int save_fd, PyObject *state_obj, PyObject *work_obj,
+                        PyObject *run_obj, Py_ssize_t min_flags) {
+    memset(p, 0, sizeof *p);
+    p->wait_fd = wait_fd;
+    p->save_fd = save_fd;
+    p->spin_ns = spin_ns;
+    if (!tn_conv_rw(flags_obj, &p->flags_view))
+        return -1;
+    p->flags = p->flags_view.buf;
+    p->flags_len = p->flags_view.len;
+    if (min_flags < (save_fd >= 0 ? 4 : 2))
+        min_flags = save_fd >= 0 ? 4 : 2;
+    if (p->flags_len < min_flags) {
+        PyErr_Format(PyExc_ValueError, "flags must be a writable buffer of %zd bytes", min_flags);
+        goto refuse;
+    }
+    if (run_obj != Py_None) {
+        if (!tn_conv_ro(run_obj, &p->run_view))
+            goto refuse;
+        if ((size_t)p->run_view.len < sizeof(struct kvm_run)) {
+            PyErr_SetString(PyExc_ValueError, "run must be a vCPU's kvm_run mapping");
+            goto refuse;
+        }
+        p->run = p->run_view.buf;
+    }
+    if (save_fd >= 0) {
+        if (state_obj == Py_None) {
+            PyErr_SetString(PyExc_ValueError, "save_fd needs a state buffer");
+            goto refuse;
+        }
+        if (!tn_conv_rw(state_obj, &p->state_view))
+            goto refuse;
+        if ((size_t)p->state_view.len < VCPU_STATE_SIZE) {
+            PyErr_Format(PyExc_ValueError, "state must hold %zu bytes, not %zd",
+                         (size_t)VCPU_STATE_SIZE, p->state_view.len);
+            goto refuse;
+        }
+        p->state = p->state_view.buf;
+    }
+    if (work_obj != Py_None) {
+        p->work = tn_parked_work_slot(work_obj, &p->work_view);
+        if (p->work == NULL)
+            goto refuse;
+    }
+    return 0;
+refuse:
+    park_release(p);
+    return -1;
+}
+
+/* The park itself, without the GIL (see kvm_wait_run): 0 once released with its
+ * work done, or -1 with *err if waiting failed. ``began_ns`` > 0: the park began
+ * then (a park in C straight from KVM_RUN or a HLT wait), stamped in the flags.
+ * Leaving, it stamps the flags' PARK_RESUMED_NS (if they hold it) and *resumed_ns. */
+static int park_here(struct park *p, long long began_ns, int *err, long long *resumed_ns) {
+    unsigned char *parked = p->flags + PARK_PARKED, *released = p->flags + PARK_RELEASED;
+    int full = p->flags_len >= PARK_FLAGS_FULL, rc = 0, moved = 0;
+    long long spin_ns = p->spin_ns;
+    struct tn_parked_work *work = p->work;
+    if (began_ns > 0) {
+        memcpy(p->flags + PARK_STOPPED_NS, &began_ns, sizeof began_ns);
+        /* A park in C resets what the previous one set (one in Python did so itself);
+         * a stop asked before this reset still ends the park at once. */
+        __atomic_store_n(released, (unsigned char)0, __ATOMIC_SEQ_CST);
+        p->flags[PARK_SAVED] = 0;
+        if (__atomic_load_n(p->flags + PARK_STOP, __ATOMIC_SEQ_CST))
+            __atomic_store_n(released, (unsigned char)1, __ATOMIC_RELEASE);
+    }
+    int32_t controller_cpu = -1;
+    if (p->flags_len >= 8)
+        memcpy(&controller_cpu, p->flags + PARK_CPU, sizeof controller_cpu);
+    cpu_set_t original;
+    /* Work posted before the park: its early part first, the rest after the registers
+     * (taken before the park is told, so that the pausing thread finds it taken). */
+    int took = work != NULL && tn_parked_work_take(work);
+    __atomic_store_n(parked, (unsigned char)1, __ATOMIC_RELEASE);
+    if (took)
+        tn_parked_work_run_early(work);
+    if (p->save_fd >= 0) {
+        const char *what = "";
+        struct kvm_regs regs;
+        struct kvm_sregs sregs;
+        struct kvm_fpu fpu;
+        unsigned char *fpu_unread = full ? p->flags + PARK_FPU_UNREAD : NULL;
+        unsigned char *fpu_out = p->state + sizeof regs + sizeof sregs;
+        memcpy(&fpu, fpu_out, sizeof fpu);
+        int read = read_vcpu_state_synced(p->save_fd, p->run, &regs, &sregs, &fpu,
+                                          fpu_unread != NULL && !*fpu_unread, &what);
+        int failed = read < 0 ? errno : 0;
+        memcpy(p->state, &regs, sizeof regs);
+        memcpy(p->state + sizeof regs, &sregs, sizeof sregs);
+        if (read > 0) {
+            memcpy(fpu_out, &fpu, sizeof fpu);
+            if (fpu_unread != NULL)
+                *fpu_unread = 0;
+        }
+        p->flags[PARK_ERRNO] = (unsigned char)(failed ? (failed & 0xff ? failed & 0xff : 0xff) : 0);
+        __atomic_store_n(p->flags + PARK_SAVED, (unsigned char)1, __ATOMIC_RELEASE);
+    }
+    if (controller_cpu >= 0 && sched_getcpu() == controller_cpu) {
+        moved = move_away_from(controller_cpu, &original);
+        if (!moved)
+            spin_ns = 0;
+    }
+    if (took)
+        tn_parked_work_complete(work, 1);
+    if (spin_ns <= 0 || !spin_until(released, work, spin_ns)) {
+        while (!__atomic_load_n(released, __ATOMIC_ACQUIRE)) {
+            uint64_t value;
+            struct pollfd pfd = {.fd = p->wait_fd, .events = POLLIN};
+            if (poll(&pfd, 1, -1) < 0 && errno != EINTR) {
+                rc = -1;
+                *err = errno;
+                break;
+            }
+            if (read(p->wait_fd, &value, sizeof value) < 0 && errno != EAGAIN && errno != EINTR) {
+                rc = -1;
+                *err = errno;
+                break;
+            }
+        }
+    }
+    /* Released: work posted to the slot is done before the guest may write again,
+     * whether or not the releasing thread waited for it. */
+    if (work != NULL) {
+        if (take_work_of_this_park(work))
+            tn_parked_work_run_taken(work, 1);
+        while (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) == TN_WORK_TAKEN)
+            tn_cpu_relax();
+    }
+    *resumed_ns = monotonic_ns();
+    if (full)
+        memcpy(p->flags + PARK_RESUMED_NS, resumed_ns, sizeof *resumed_ns);
+    if (moved)
+        sched_setaffinity(0, sizeof original, &original); /* still on an allowed CPU */
+    return rc;
+}
+
+/* A pause asked for, and no stop: a park in C should begin. */
+static int park_wanted(const struct park *p) {
+    return __atomic_load_n(p->flags + PARK_WANTED, __ATOMIC_SEQ_CST) &&
+           !__atomic_load_n(p->flags + PARK_STOP, __ATOMIC_SEQ_CST);
+}
+
 /* Park a vCPU thread until it is released, then enter KVM_RUN at once, all without
  * the GIL: a resumed guest runs again without waiting for the interpreter lock,
  * which the controlling thread may hold for a while. ``flags`` is shared with the
@@ -432,131 +634,165 @@ static int move_away_from(int cpu, cpu_set_t *original) {
  * while it waits runs in place of a yield, and any left when released runs before
  * KVM_RUN: the releasing thread need not wait for it.
  * With ``vcpu_fd`` < 0 it only waits. Returns (KVM_RUN result or -errno,
- * CLOCK_MONOTONIC ns when the wait ended and its work was done). */
+ * CLOCK_MONOTONIC ns when the wait ended and its work was done; also stored at
+ * flags[24:32] if flags has 32 bytes). */
 PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"wait_fd", "vcpu_fd", "flags", "spin_ns", "save_fd", "state",
                              "work", "run", NULL};
     int wait_fd, vcpu_fd, save_fd = -1, rc = 0, err = 0;
-    PyObject *state_obj = Py_None, *work_obj = Py_None, *run_obj = Py_None;
-    Py_buffer state = {0}, work_view = {0}, run_view = {0};
-    struct tn_parked_work *work = NULL;
-    long long spin_ns = 0;
-    struct timespec ts;
-    Py_buffer flags;
+    PyObject *flags_obj, *state_obj = Py_None, *work_obj = Py_None, *run_obj = Py_None;
+    long long spin_ns = 0, resumed_ns = 0;
+    struct park p;
     (void)self;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiw*|LiOOO:kvm_wait_run", kwlist, &wait_fd,
-                                     &vcpu_fd, &flags, &spin_ns, &save_fd, &state_obj,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiO|LiOOO:kvm_wait_run", kwlist, &wait_fd,
+                                     &vcpu_fd, &flags_obj, &spin_ns, &save_fd, &state_obj,
                                      &work_obj, &run_obj))
         return NULL;
-    if (flags.len < (save_fd >= 0 ? 4 : 2)) {
-        PyErr_SetString(PyExc_ValueError, "flags must be a writable buffer of 2 bytes (4 with save_fd)");
-        goto refuse;
-    }
-    if (run_obj != Py_None) {
-        if (!tn_conv_ro(run_obj, &run_view))
-            goto refuse;
-        if ((size_t)run_view.len < sizeof(struct kvm_run)) {
-            PyErr_SetString(PyExc_ValueError, "run must be a vCPU's kvm_run mapping");
-            goto refuse;
-        }
-    }
-    if (save_fd >= 0) {
-        if (state_obj == Py_None) {
-            PyErr_SetString(PyExc_ValueError, "save_fd needs a state buffer");
-            goto refuse;
-        }
-        if (!tn_conv_rw(state_obj, &state))
-            goto refuse;
-        if ((size_t)state.len < VCPU_STATE_SIZE) {
-            PyErr_Format(PyExc_ValueError, "state must hold %zu bytes, not %zd",
-                         (size_t)VCPU_STATE_SIZE, state.len);
-            goto refuse;
-        }
-    }
-    if (work_obj != Py_None) {
-        work = tn_parked_work_slot(work_obj, &work_view);
-        if (work == NULL)
-            goto refuse;
-    }
-    const struct kvm_run *run = run_view.buf;
-    unsigned char *parked = flags.buf, *released = parked + 1;
-    int32_t controller_cpu = -1;
-    if (flags.len >= 8)
-        memcpy(&controller_cpu, parked + 4, sizeof controller_cpu);
-    cpu_set_t original;
-    int moved = 0;
+    if (park_acquire(&p, wait_fd, flags_obj, spin_ns, save_fd, state_obj, work_obj, run_obj,
+                     0) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
-    /* Work posted before the park: its early part first, the rest after the registers
-     * (taken before the park is told, so that the pausing thread finds it taken). */
-    int took = work != NULL && tn_parked_work_take(work);
-    __atomic_store_n(parked, (unsigned char)1, __ATOMIC_RELEASE);
-    if (took)
-        tn_parked_work_run_early(work);
-    if (save_fd >= 0) {
-        unsigned char *out = state.buf;
-        const char *what = "";
-        struct kvm_regs regs;
-        struct kvm_sregs sregs;
-        struct kvm_fpu fpu;
-        int failed =
-            read_vcpu_state_synced(save_fd, run, &regs, &sregs, &fpu, &what) < 0 ? errno : 0;
-        memcpy(out, &regs, sizeof regs);
-        memcpy(out + sizeof regs, &sregs, sizeof sregs);
-        memcpy(out + sizeof regs + sizeof sregs, &fpu, sizeof fpu);
-        parked[3] = (unsigned char)(failed ? (failed & 0xff ? failed & 0xff : 0xff) : 0);
-        __atomic_store_n(parked + 2, (unsigned char)1, __ATOMIC_RELEASE);
-    }
-    if (controller_cpu >= 0 && sched_getcpu() == controller_cpu) {
-        moved = move_away_from(controller_cpu, &original);
-        if (!moved)
-            spin_ns = 0;
-    }
-    if (took)
-        tn_parked_work_complete(work, 1);
-    if (spin_ns <= 0 || !spin_until(released, work, spin_ns)) {
-        while (!__atomic_load_n(released, __ATOMIC_ACQUIRE)) {
-            uint64_t value;
-            struct pollfd pfd = {.fd = wait_fd, .events = POLLIN};
-            if (poll(&pfd, 1, -1) < 0 && errno != EINTR) {
-                rc = -1;
-                err = errno;
-                break;
-            }
-            if (read(wait_fd, &value, sizeof value) < 0 && errno != EAGAIN && errno != EINTR) {
-                rc = -1;
-                err = errno;
-                break;
-            }
-        }
-    }
-    /* Released: work posted to the slot is done before the guest may write again,
-     * whether or not the releasing thread waited for it. */
-    if (work != NULL) {
-        if (take_work_of_this_park(work))
-            tn_parked_work_run_taken(work, 1);
-        while (__atomic_load_n(&work->state, __ATOMIC_ACQUIRE) == TN_WORK_TAKEN)
-            tn_cpu_relax();
-    }
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    if (moved)
-        sched_setaffinity(0, sizeof original, &original); /* still on an allowed CPU */
+    rc = park_here(&p, 0, &err, &resumed_ns);
     if (rc == 0 && vcpu_fd >= 0) {
         rc = ioctl(vcpu_fd, KVM_RUN, 0);
         if (rc < 0)
             err = errno;
     }
     Py_END_ALLOW_THREADS
-    PyObject *result = Py_BuildValue("(lL)", rc < 0 ? -(long)err : (long)rc,
-                                     (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec);
-    goto release;
-refuse:
-    result = NULL;
-release: /* a view never filled, or released already, has no owner: a no-op */
-    PyBuffer_Release(&state);
-    PyBuffer_Release(&work_view);
-    PyBuffer_Release(&run_view);
-    PyBuffer_Release(&flags);
-    return result;
+    park_release(&p);
+    return Py_BuildValue("(lL)", rc < 0 ? -(long)err : (long)rc, resumed_ns);
+}
+
+/* The park's settings as kvm_run_parking and poll_or_park take them: a tuple
+ * (wait_fd, flags, spin_ns, vcpu_fd, state, work, run), the vCPU's registers read
+ * from vcpu_fd. */
+static int park_from_tuple(struct park *p, PyObject *park_obj) {
+    int wait_fd, vcpu_fd;
+    long long spin_ns;
+    PyObject *flags_obj, *state_obj, *work_obj, *run_obj;
+    if (!PyArg_ParseTuple(park_obj, "iOLiOOO;park must be (wait_fd, flags, spin_ns, vcpu_fd, "
+                          "state, work, run)", &wait_fd, &flags_obj, &spin_ns, &vcpu_fd,
+                          &state_obj, &work_obj, &run_obj))
+        return -1;
+    if (park_acquire(p, wait_fd, flags_obj, spin_ns, vcpu_fd, state_obj, work_obj, run_obj,
+                     PARK_FLAGS_FULL) < 0)
+        return -1;
+    if (p->run == NULL) {
+        PyErr_SetString(PyExc_ValueError, "park needs the vCPU's kvm_run mapping");
+        park_release(p);
+        return -1;
+    }
+    return 0;
+}
+
+/* kvm_run_parking(vcpu_fd, park) -> 0 or -errno: KVM_RUN, parking in C whenever it
+ * returns EINTR with a pause asked for (flags[8]) and no stop (flags[9]), then
+ * entering KVM_RUN again once released: the pause begins the moment the vCPU left
+ * the guest, with no Python step between (flags[16:24] stamps that moment). The
+ * kick's immediate_exit is cleared at every EINTR. Returns the first KVM_RUN result
+ * that did not lead to a park (-EINTR also when a stop ended a park). */
+PyObject *tn_kvm_run_parking(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"vcpu_fd", "park", NULL};
+    int vcpu_fd, rc, err = 0;
+    long long resumed_ns;
+    PyObject *park_obj;
+    struct park p;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO!:kvm_run_parking", kwlist, &vcpu_fd,
+                                     &PyTuple_Type, &park_obj))
+        return NULL;
+    if (park_from_tuple(&p, park_obj) < 0)
+        return NULL;
+    unsigned char *immediate_exit = (unsigned char *)p.run + 1;
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        rc = ioctl(vcpu_fd, KVM_RUN, 0);
+        if (rc >= 0 || errno != EINTR) {
+            if (rc < 0)
+                err = errno;
+            break;
+        }
+        err = EINTR;
+        long long now = monotonic_ns();
+        /* Cleared before the flags are read: a stop's kick (its flag set before its
+         * immediate_exit) is seen below if this clears its immediate_exit. */
+        __atomic_store_n(immediate_exit, (unsigned char)0, __ATOMIC_SEQ_CST);
+        if (!park_wanted(&p))
+            break;
+        if (park_here(&p, now, &err, &resumed_ns) < 0) {
+            rc = -1;
+            break;
+        }
+        if (__atomic_load_n(p.flags + PARK_STOP, __ATOMIC_SEQ_CST)) {
+            rc = -1;
+            err = EINTR;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    park_release(&p);
+    return PyLong_FromLong(rc < 0 ? -(long)err : (long)rc);
+}
+
+/* poll_or_park(fds, timeout_ms, park) -> -1 if it parked (and was released), else a
+ * mask of the fds found readable (bit i: fds[i]; 0: the timeout passed). For a
+ * halted vCPU: it sleeps in poll() until one of fds (the first the eventfd suspend
+ * writes) is readable or timeout_ms passed (< 0: no limit), and parks in C if a pause
+ * is asked for (flags[8], no stop) before or after, stamping flags[16:24] as it
+ * does; it enters no KVM_RUN. */
+PyObject *tn_poll_or_park(PyObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"fds", "timeout_ms", "park", NULL};
+    PyObject *fds_obj, *park_obj;
+    int timeout_ms, rc = 0, err = 0;
+    long long resumed_ns;
+    struct pollfd pfds[8];
+    struct park p;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!iO!:poll_or_park", kwlist, &PyTuple_Type,
+                                     &fds_obj, &timeout_ms, &PyTuple_Type, &park_obj))
+        return NULL;
+    Py_ssize_t nfds = PyTuple_GET_SIZE(fds_obj);
+    if (nfds < 1 || nfds > (Py_ssize_t)(sizeof pfds / sizeof pfds[0])) {
+        PyErr_Format(PyExc_ValueError, "poll_or_park takes 1 to %zu fds, not %zd",
+                     sizeof pfds / sizeof pfds[0], nfds);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < nfds; i++) {
+        long fd = PyLong_AsLong(PyTuple_GET_ITEM(fds_obj, i));
+        if (fd == -1 && PyErr_Occurred())
+            return NULL;
+        pfds[i].fd = (int)fd;
+        pfds[i].events = POLLIN;
+        pfds[i].revents = 0;
+    }
+    if (park_from_tuple(&p, park_obj) < 0)
+        return NULL;
+    int parked = 0, ready = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (!park_wanted(&p)) {
+        ready = poll(pfds, (nfds_t)nfds, timeout_ms);
+        if (ready < 0 && errno != EINTR) { /* EINTR: a kick, looked at below */
+            rc = -1;
+            err = errno;
+        }
+    }
+    if (rc == 0 && park_wanted(&p)) {
+        parked = 1;
+        rc = park_here(&p, monotonic_ns(), &err, &resumed_ns);
+    }
+    Py_END_ALLOW_THREADS
+    park_release(&p);
+    if (rc < 0) {
+        errno = err;
+        return PyErr_SetFromErrnoWithFilename(PyExc_OSError, parked ? "park" : "poll");
+    }
+    if (parked)
+        return PyLong_FromLong(-1);
+    long mask = 0;
+    for (Py_ssize_t i = 0; ready > 0 && i < nfds; i++)
+        if (pfds[i].revents & (POLLIN | POLLERR | POLLHUP))
+            mask |= 1L << i;
+    return PyLong_FromLong(mask);
 }
 
 /* Wait, without the GIL, until flag[0] is non-zero or timeout_ns passed; True if

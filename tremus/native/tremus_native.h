@@ -198,6 +198,8 @@ int tn_read_dirty_log(int vm_fd, unsigned int slot, unsigned char *bitmap, unsig
                       unsigned char *out, size_t len, Py_ssize_t *count);
 PyObject *tn_kvm_get_vcpu_state(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kvm_wait_run(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_kvm_run_parking(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_poll_or_park(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_kvm_sync_regs(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_spin_until_set(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_py_parked_work_wait(PyObject *self, PyObject *args, PyObject *kw);

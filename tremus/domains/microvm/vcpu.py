@@ -7,6 +7,7 @@ import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from typing import final
 
 from tremus.accel import native
@@ -31,6 +32,8 @@ class Vcpu:
         #: KVM stores the general and special registers in ``run`` as each KVM_RUN
         #: returns: a park reads them from there (one vCPU ioctl fewer, ~7 us each).
         self.registers_in_run = self._keep_registers_in_run()
+        #: Called whenever registers are set by ioctl (a park's copy of them is stale).
+        self.on_registers_set: Callable[[], None] = lambda: None
 
     def _keep_registers_in_run(self) -> bool:
         return bool(native_sync_regs(self._vm_fd, self.run))
@@ -62,6 +65,7 @@ class Vcpu:
         _kvm.ioctl_struct(self.fd, request, value)
         if self.registers_in_run:
             self._keep_registers_in_run()  # the copy in run is stale until the next run
+        self.on_registers_set()
 
     def boot_long_mode(self, entry: int) -> None:
         """Registers for a 64-bit guest entered at ``entry`` with paging already set up."""
@@ -74,8 +78,10 @@ class Vcpu:
         sregs.cs = code
         sregs.ds = sregs.es = sregs.fs = sregs.gs = sregs.ss = data
         sregs.cr3 = abi.PML4_ADDR
-        sregs.cr4 = 0x20  # PAE
-        sregs.cr0 = 0x80050033  # PG | AM | WP | NE | ET | MP | PE
+        sregs.cr4 = 0x20  # PAE (no OSFXSR, no OSXSAVE: SSE and XSAVE fault)
+        # EM: x87 and MMX fault too. The guest is built without them
+        # (-mgeneral-regs-only), so its FPU state never changes: a park need not read it.
+        sregs.cr0 = 0x80050037  # PG | AM | WP | NE | ET | EM | MP | PE
         sregs.efer = 0x500  # LME | LMA
         self.set(_kvm.KVM_SET_SREGS, sregs)
         regs = _kvm.Regs(rip=entry, rsp=abi.STACK_TOP, rflags=2)

@@ -13,7 +13,6 @@ import errno
 import math
 import mmap
 import os
-import select
 import signal
 import struct
 import threading
@@ -70,10 +69,25 @@ def _require_native() -> Any:
     return native
 
 
-#: How long ``suspend`` spins for the vCPU to park (about as long as a kick takes),
-#: then how long it sleeps for it, before it waits in the event loop.
-_PARK_SPIN_NS = 1_000_000
-_PARK_WAIT = 0.002
+#: How long ``suspend`` spins for the vCPU to park (a kick usually takes a few hundred
+#: microseconds here; KVM's emulator may notice it only at a timer tick), before it
+#: looks in the event loop every ``_PARK_POLL`` s, for at most ``_PARK_TIMEOUT`` s.
+_PARK_SPIN_NS = 3_000_000
+_PARK_POLL = 0.0005
+_PARK_TIMEOUT = 30.0
+# _park_flags (the layout kvm.c's park uses): [0] "parked", set by the vCPU thread
+# once parked, without the GIL (suspend spins on it); [1] "released", set by
+# resume()/stop() before they write _resume_fd; [2] the registers are read, [3] the
+# errno of a failed read; [4:8] the CPU suspend() ran on (int32, -1 unknown); [8] a
+# pause is asked for (the vCPU parks in C at its next EINTR or wake-up); [9] stop;
+# [10] the FPU state the last park kept is stale (registers set since: a park reads
+# it again); [16:24] and [24:32] CLOCK_MONOTONIC ns the vCPU parked and left its
+# park (int64).
+_FLAG_WANTED = 8
+_FLAG_STOP = 9
+_FLAG_FPU_UNREAD = 10
+_FLAGS_STOPPED_AT = 16
+_FLAGS_RESUMED_AT = 24
 #: How long a parked vCPU thread spins for its release before it sleeps.
 _RELEASE_SPIN_NS = 2_000_000
 #: How long save_state() waits for a parked vCPU thread to read its registers (three
@@ -179,15 +193,9 @@ class MicroVM:
         self._thread_affinity: frozenset[int] = frozenset()
         self._kept_off = False
         self._token: trio.lowlevel.TrioToken | None = None
-        self._parked_event = trio.Event()
-        #: suspend() gave up waiting in its own thread and waits for _parked_event.
-        self._suspend_waits_async = False
         self._on_started: Callable[[], None] = lambda: None
         self._running = False
         self._closed = False
-        #: perf_counter_ns() when the vCPU last parked / left the park.
-        self.stopped_at_ns = 0
-        self.resumed_at_ns = 0
         #: perf_counter_ns() when resume() released the parked vCPU.
         self.released_at_ns = 0
         #: Time from the suspend request to the vCPU being parked, last suspend.
@@ -198,17 +206,16 @@ class MicroVM:
         # Written by resume()/stop() to wake a parked vCPU that sleeps (_park_flags).
         self._resume_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._fds.append(self._resume_fd)
-        # [0] "parked": set by the parked vCPU thread once it let go of the GIL
-        # (suspend spins on it); [1] "released": set by resume()/stop(), before they
-        # write _resume_fd (the parked thread spins on it, then sleeps on the fd);
-        # [4:8] the CPU suspend() ran on (int32, -1 unknown).
-        self._park_flags = bytearray(8)
+        self._park_flags = bytearray(32)  # see _FLAG_WANTED
         self._park_flags[4:8] = struct.pack("=i", -1)
+        self._park_flags[_FLAG_FPU_UNREAD] = 1
+        self._vcpu.on_registers_set = self._forget_parked_fpu
         #: Work for the parked vCPU thread, done on its CPU while the pause goes on
         #: (``kvm_wait_run``): a slot of its own, page-aligned.
         self._parked_work = mmap.mmap(-1, mmap.PAGESIZE)
-        self._poller = select.poll()
-        self._poller.register(self._event_fd, select.POLLIN)
+        #: How the vCPU thread parks in C (``kvm_run_parking``, ``poll_or_park``).
+        self._park = (self._resume_fd, self._park_flags, _RELEASE_SPIN_NS, self._vcpu.fd,
+                      self._parked_state, self._parked_work, self._vcpu.run)
         #: The paravirtual NIC (``tap=``), or None.
         self.nic: Nic | None = None
         if config.tap is not None:
@@ -333,6 +340,17 @@ class MicroVM:
     @property
     def suspended(self) -> bool:
         return self._parked
+
+    @property
+    def stopped_at_ns(self) -> int:
+        """perf_counter_ns() when the vCPU last parked: as it left KVM_RUN or woke
+        from a HLT, the pause's steps all after it."""
+        return int(struct.unpack_from("=q", self._park_flags, _FLAGS_STOPPED_AT)[0])
+
+    @property
+    def resumed_at_ns(self) -> int:
+        """perf_counter_ns() when the vCPU last left its park, about to run the guest."""
+        return int(struct.unpack_from("=q", self._park_flags, _FLAGS_RESUMED_AT)[0])
 
     @property
     def console_sink(self) -> ConsoleSink | None:
@@ -491,7 +509,6 @@ class MicroVM:
         finally:
             self._nursery = None
             self._running = False
-            self._parked_event.set()
             self._close_kvm()
         if self.exit_port.code is not None:
             raise DomainError(f"the guest stopped itself with code {self.exit_port.code}")
@@ -514,40 +531,35 @@ class MicroVM:
             return
         if not self._running:
             raise DomainError("suspend() of a micro-VM that is not running")
-        self._parked_event = trio.Event()
         requested = time.perf_counter_ns()
         self._post_capture()
+        flags = self._park_flags
         with self._cond:
             self._want_pause = True
-            self._park_flags[0] = 0
+            flags[0] = 0
+            flags[_FLAG_WANTED] = 1
             # Where this thread runs: the vCPU thread is kept off this CPU for the
             # pause (kvm_wait_run moves it, or sleeps, if it parks here all the same).
             cpu = self._native.current_cpu()
-            struct.pack_into("=i", self._park_flags, 4, cpu)
+            struct.pack_into("=i", flags, 4, cpu)
             self._keep_vcpu_off(cpu)
             self._cond.notify_all()
             thread_id = self._thread_id
         self._poke()
         if thread_id is not None:
             self._native.kick(thread_id, self._vcpu.run, KICK_SIGNAL)
-        # The vCPU usually parks within a few hundred microseconds of the kick: wait
-        # for it right here, in this thread, rather than through the event loop, whose
-        # wake-up would lengthen every pause by as much again. If it takes longer
-        # (KVM's emulator may notice the signal only at a timer tick), wait there.
-        # Parked in time (the usual case): the flag is set after ``_parked``, which
-        # then needs no lock to read.
-        if not (self._native.spin_until_set(self._park_flags, _PARK_SPIN_NS) and self._parked):
-            with self._cond:
-                self._cond.wait_for(lambda: self._parked or self._want_stop, timeout=_PARK_WAIT)
-                self._suspend_waits_async = not self._parked
-        if self._suspend_waits_async:
-            try:
-                await self._parked_event.wait()
-            finally:
-                with self._cond:
-                    self._suspend_waits_async = False
-        if not self._running:
+        # The vCPU parks in C as it leaves KVM_RUN (or wakes from a HLT), usually
+        # within a few hundred microseconds of the kick: wait for it right here, in
+        # this thread, rather than through the event loop, whose wake-up would
+        # lengthen every pause by as much again. If it takes longer, look from the
+        # event loop.
+        if not self._native.spin_until_set(flags, _PARK_SPIN_NS):
+            with trio.fail_after(_PARK_TIMEOUT):
+                while not flags[0] and self._running and not self._want_stop:
+                    await trio.sleep(_PARK_POLL)
+        if not flags[0] or not self._running:
             raise DomainError("the micro-VM stopped while being suspended")
+        self._parked = True
         self.kick_latency_ns = self.stopped_at_ns - requested
         # Parked: every disk write so far happened before this suspend.
         self.suspends += 1
@@ -560,6 +572,7 @@ class MicroVM:
             self._rearm_dirty_log()
         with self._cond:
             self._want_pause = False
+            self._park_flags[_FLAG_WANTED] = 0
             # Released: the vCPU thread enters KVM_RUN straight from its park, and
             # leaves that call only at the guest's next exit. Until then it is
             # running, and a suspend must stop it again, not find it "parked".
@@ -574,6 +587,8 @@ class MicroVM:
     def stop(self) -> None:
         with self._cond:
             self._want_stop = True
+            self._parked = False
+            self._park_flags[_FLAG_STOP] = 1  # before the kick: see kvm_run_parking
             self._cond.notify_all()
             thread_id = self._thread_id
         self._poke()
@@ -676,8 +691,8 @@ class MicroVM:
                 self._thread_tid = None
 
     def _vcpu_loop(self) -> None:
-        run_vcpu = self._native.kvm_run
-        fd = self._vcpu.fd
+        run_vcpu = self._native.kvm_run_parking
+        fd, park = self._vcpu.fd, self._park
         while True:
             rc = self._park_if_requested()
             if rc is None:
@@ -685,7 +700,7 @@ class MicroVM:
             if rc is _NOT_RUN:
                 if self._halted and not self._wait_halted():
                     continue
-                rc = run_vcpu(fd)
+                rc = run_vcpu(fd, park)
             if rc == -errno.EINTR:
                 self._vcpu.clear_immediate_exit()
                 continue
@@ -738,8 +753,10 @@ class MicroVM:
         return self._parked_state_view.tobytes()
 
     def _park_if_requested(self) -> int | None:
-        """Park while a pause is requested. None: stop. Otherwise the result of the
-        KVM_RUN that the release entered directly, or ``_NOT_RUN``.
+        """Park, in Python, if a pause was asked for while this thread was between
+        KVM_RUN calls (the usual parks happen in C: ``kvm_run_parking``,
+        ``poll_or_park``). None: stop. Otherwise the result of the KVM_RUN that the
+        release entered directly, or ``_NOT_RUN``.
 
         A parked vCPU waits in C, without the GIL, and enters KVM_RUN the moment
         ``resume()`` sets the release flag: the guest's pause ends then, not
@@ -754,37 +771,31 @@ class MicroVM:
             self._announce_parked()
         while True:
             run_fd = -1 if self._halted else self._vcpu.fd
-            rc, self.resumed_at_ns = self._native.kvm_wait_run(
+            rc, _ = self._native.kvm_wait_run(
                 self._resume_fd, run_fd, self._park_flags, _RELEASE_SPIN_NS,
                 self._vcpu.fd, self._parked_state, self._parked_work, self._vcpu.run)
             with self._cond:
                 if self._want_stop:
-                    self._parked = False
                     return None
                 if self._want_pause and run_fd < 0:
                     # Released, and asked to pause again before the guest ran (it
                     # waits in HLT): it is parked anew, and the new suspend is told.
                     self._announce_parked()
                     continue
-                self._parked = False
             return _NOT_RUN if run_fd < 0 else rc
 
+    def _forget_parked_fpu(self) -> None:
+        self._park_flags[_FLAG_FPU_UNREAD] = 1
+
     def _announce_parked(self) -> None:
-        """Parked (``_cond`` held): tell ``suspend``, waiting here or in the event loop."""
-        self.stopped_at_ns = time.perf_counter_ns()
+        """About to park in Python (``_cond`` held): what a park in C does as it begins."""
+        struct.pack_into("=q", self._park_flags, _FLAGS_STOPPED_AT, time.perf_counter_ns())
         self._park_flags[1] = 0
         # The registers are read by this thread, the one that runs the vCPU (a vCPU
         # ioctl from any other thread first moves the vCPU's context to it, which made
         # save_state() ~80 us slower inside the pause), once parked, in kvm_wait_run:
         # the pause goes on meanwhile, and save_state() waits for them (flags[2]).
         self._park_flags[2] = 0
-        self._parked = True
-        self._cond.notify_all()
-        # Only a suspend waiting in the event loop needs the loop woken: that wake-up
-        # (a write to Trio's wake-up socket) cost ~55 us of every pause here.
-        if self._suspend_waits_async:
-            assert self._token is not None
-            self._token.run_sync_soon(self._parked_event.set)
 
     def _wait_halted(self) -> bool:
         """Sleep through a HLT until its deadline, a wakeup or a frame for the NIC;
@@ -795,33 +806,31 @@ class MicroVM:
         and on the NIC's TAP descriptor.
         """
         nic_fd = self.nic.wait_fd if self.nic is not None else None
-        if nic_fd is not None:
-            self._poller.register(nic_fd, select.POLLIN)
-        try:
-            while True:
+        fds = (self._event_fd,) if nic_fd is None else (self._event_fd, nic_fd)
+        while True:
+            with self._cond:
+                if self._want_pause or self._want_stop:
+                    return False
+                remaining = self.idle.remaining()
+                if self._wakeup or (remaining is not None and remaining <= 0):
+                    self._wakeup = False
+                    self._halted = False
+                    self.idle.deadline = None
+                    return True
+            timeout = -1 if remaining is None else max(1, math.ceil(remaining * 1000))
+            # A suspend that finds the guest here is served by a park in C.
+            ready = self._native.poll_or_park(fds, timeout, self._park)
+            if ready < 0:
+                return False
+            if ready & 1:
+                try:
+                    os.eventfd_read(self._event_fd)
+                except BlockingIOError:
+                    pass
+            if ready & 2 and self.nic is not None:  # a frame for a guest waiting for one
+                self.nic.rx_armed = False
                 with self._cond:
-                    if self._want_pause or self._want_stop:
-                        return False
-                    remaining = self.idle.remaining()
-                    if self._wakeup or (remaining is not None and remaining <= 0):
-                        self._wakeup = False
-                        self._halted = False
-                        self.idle.deadline = None
-                        return True
-                timeout = None if remaining is None else max(1, math.ceil(remaining * 1000))
-                for fd, _ in self._poller.poll(timeout):
-                    if fd == self._event_fd:
-                        try:
-                            os.eventfd_read(self._event_fd)
-                        except BlockingIOError:
-                            pass
-                    elif self.nic is not None:  # a frame for a guest waiting for one
-                        self.nic.rx_armed = False
-                        with self._cond:
-                            self._wakeup = True
-        finally:
-            if nic_fd is not None:
-                self._poller.unregister(nic_fd)
+                    self._wakeup = True
 
     def _on_io(self) -> None:
         direction, size, port, count, offset = self._vcpu.io_exit()
