@@ -554,11 +554,13 @@ class MicroVM:
         # lengthen every pause by as much again. If it takes longer, look from the
         # event loop.
         if not self._native.spin_until_set(flags, _PARK_SPIN_NS):
-            with trio.fail_after(_PARK_TIMEOUT):
+            with trio.move_on_after(_PARK_TIMEOUT):
                 while not flags[0] and self._running and not self._want_stop:
                     await trio.sleep(_PARK_POLL)
-        if not flags[0] or not self._running:
+        if not self._running or self._want_stop:
             raise DomainError("the micro-VM stopped while being suspended")
+        if not flags[0]:
+            raise DomainError(f"the vCPU did not stop within {_PARK_TIMEOUT:g} s of the kick")
         self._parked = True
         self.kick_latency_ns = self.stopped_at_ns - requested
         # Parked: every disk write so far happened before this suspend.
