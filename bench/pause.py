@@ -17,13 +17,16 @@ Per row, medians over the epochs:
 
 * ``kick_us`` — from the suspend request to the vCPU parked (KVM's emulator only
   notices a signal at timer ticks here: reported apart from the pause);
-* ``pause_us`` (``_p90``, ``_max``) — from "vCPU stopped" to "vCPU running again";
+* ``pause_us`` (``_p90``, ``_max``) — from "vCPU stopped" (the vCPU thread parks in C
+  as KVM_RUN returns after the kick, or as its HLT wait wakes, and stamps it then)
+  to "vCPU running again";
 * ``steps_us`` — the engine's own work inside the pause (dirty log + capture + state);
 * the breakdown of the pause: ``wake_us`` (vCPU parked -> ``suspend()`` returned in
   the Trio thread), ``dirty_log_us`` (the dirty log as a bitmap: copy rows read it
   here; cow rows, as the engine after its first checkpoint, posted the capture to
   the vCPU thread before the kick (``at_park``), which read the log as it parked,
-  then its registers, then write-protects the dirty pages' units on its own CPU:
+  then its registers (from ``kvm_run``; the FPU of this guest cannot change), then
+  write-protects the dirty pages' units on its own CPU:
   this is the wait for that read. With KVM's manual dirty-log protection, clearing
   it is left to ``resume``, or under copy-on-write to the copy after it),
   ``capture_us`` (copy: list the pfns and copy the pages; cow: nothing left to do,
