@@ -579,10 +579,12 @@ class MicroVM:
             # leaves that call only at the guest's next exit. Until then it is
             # running, and a suspend must stop it again, not find it "parked".
             self._parked = False
+            # Stamped as the flag is set: a spinning vCPU thread is gone from its park
+            # before the eventfd write below has returned.
+            self.released_at_ns = time.perf_counter_ns()
             self._park_flags[1] = 1
             if not self._closed:
                 os.eventfd_write(self._resume_fd, 1)
-            self.released_at_ns = time.perf_counter_ns()
             self._let_vcpu_anywhere()
         await trio.lowlevel.checkpoint()
 
