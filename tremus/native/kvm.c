@@ -548,7 +548,6 @@ static int park_here(struct park *p, long long began_ns, int *err, long long *re
         struct kvm_fpu fpu;
         unsigned char *fpu_unread = full ? p->flags + PARK_FPU_UNREAD : NULL;
         unsigned char *fpu_out = p->state + sizeof regs + sizeof sregs;
-        memcpy(&fpu, fpu_out, sizeof fpu);
         int read = read_vcpu_state_synced(p->save_fd, p->run, &regs, &sregs, &fpu,
                                           fpu_unread != NULL && !*fpu_unread, &what);
         int failed = read < 0 ? errno : 0;
