@@ -368,6 +368,40 @@ def test_bad_pfns_are_refused_before_anything_is_protected(plain: tuple[mmap.mma
     ram[0:4] = b"free"  # nothing was left protected
 
 
+def test_secondary_mappings_are_dropped_only_with_nothing_protected(
+        plain: tuple[mmap.mmap, CopyOnWrite]) -> None:
+    """``drop_secondary_mappings`` lifts protection that is not set (the page tables
+    and the pages stay as they were) and is refused while a capture is under way:
+    lifting it then would let a writer in before its page is copied. The native
+    lift it uses takes off exactly the units of the pages set in its bitmap."""
+    ram, cow = plain
+    assert native is not None
+    ram[:] = os.urandom(len(ram))
+    before = bytes(ram)
+    every_page = bytes(b"\xff" * (PAGES // 8))
+    cow.drop_secondary_mappings(every_page)
+    assert _write_protected(ram) == [] and bytes(ram) == before and cow.idle
+
+    cow.unit_pages = 8
+    shift = ctypes.addressof(ctypes.c_char.from_buffer(ram)) // PAGE % 8
+    dirty = [3, 40, 41, 200]
+    units = {(pfn + shift) // 8 for pfn in dirty}
+    cow.protect_bitmap(sum(1 << pfn for pfn in dirty).to_bytes(PAGES // 8, "little"))
+    protected = _write_protected(ram)
+    assert protected == [p for p in range(PAGES) if (p + shift) // 8 in units]
+    with pytest.raises(ValueError, match="capture is under way"):
+        cow.drop_secondary_mappings(every_page)
+    assert _write_protected(ram) == protected
+
+    lifted = (40 + shift) // 8
+    assert native.wp_lift_bitmap(cow._fd, ram, (1 << 40).to_bytes(PAGES // 8, "little"), 8) == 1
+    assert _write_protected(ram) == [p for p in protected if (p + shift) // 8 != lifted]
+    staging = bytearray(len(dirty) * PAGE)
+    cow.copy(array("Q", dirty).tobytes(), staging)
+    assert _write_protected(ram) == [] and cow.idle
+    cow.drop_secondary_mappings(every_page)
+
+
 def test_capture_must_be_a_known_method() -> None:
     with pytest.raises(ConfigError, match="capture 'fork'"):
         ProtectionConfig(capture="fork")
@@ -438,6 +472,8 @@ async def test_a_micro_vm_reads_its_dirty_log_and_protects_as_its_vcpu_parks() -
         await trio.sleep(0.3)
         cow.at_park = True
         await vm.suspend()
+        # Before its kick, KVM dropped its mappings of the pages written so far.
+        assert vm.unmapped_before_kick_ns > 0
         bitmap, count = vm.read_dirty_bitmap()
         assert count >= cow.min_pages
         native.parked_work_wait(vm._parked_work)  # type: ignore[attr-defined]

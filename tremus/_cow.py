@@ -91,6 +91,9 @@ class CopyOnWrite:
         #: nothing left to do for them.
         self._protected_at_park = False
         self._protected_at_ns = 0
+        #: Pages are protected (or being so) that no ``copy`` or ``release_all`` has
+        #: released yet.
+        self._holding = False
         self._fd = native.wp_open(ram)
 
     @property
@@ -110,6 +113,7 @@ class CopyOnWrite:
         """
         assert native is not None
         native.wp_protect(self._fd, self._ram, pfns, self.unit_pages)
+        self._holding = True
         self._rearm_due = self._rearm is not None
 
     def protect_bitmap(self, bitmap: Any) -> None:
@@ -126,12 +130,31 @@ class CopyOnWrite:
             posted = (memoryview(self._ram), memoryview(bitmap))
             native.wp_protect_bitmap_post(self._parked_work, self._fd, *posted, self.unit_pages)
             self._posted = posted
+        self._holding = True
         self._rearm_due = self._rearm is not None
+
+    def drop_secondary_mappings(self, bitmap: Any) -> None:
+        """Before a pause, with nothing protected (``idle``): lift protection (none is
+        set) from the units of the pages set in ``bitmap``. The pages and the
+        process's page tables stay as they are, but the kernel tells the RAM's
+        secondary MMUs the range changed, as a write-protect does: KVM walks its
+        reverse map of those pages and drops its mappings of them. That walk is most
+        of a write-protect's cost; made while the guest runs, it leaves the protect
+        in the pause the same data in the cache (most of the gain, measured in
+        bench/RESULTS.md) and fewer mappings to drop. The guest maps again, in the
+        kernel, the pages it touches, as after every protect. ValueError unless
+        ``idle``: lifting protection from a page not yet copied would let the guest
+        write over it."""
+        assert native is not None
+        if not self.idle:
+            raise ValueError("a capture is under way: its pages must stay protected")
+        native.wp_lift_bitmap(self._fd, self._ram, bitmap, self.unit_pages)
 
     @property
     def idle(self) -> bool:
         """Nothing posted, protected or left to copy: a new capture may start."""
-        return self._capture is None and self._posted is None and not self._rearm_due
+        return (self._capture is None and self._posted is None and not self._holding
+                and not self._rearm_due)
 
     @property
     def posted_at_park(self) -> bool:
@@ -173,6 +196,7 @@ class CopyOnWrite:
                 view.release()
         if protecting:
             self._posted = kept
+            self._holding = True
             self._protected_at_park = True
             self._rearm_due = self._rearm is not None
         return int(count)
@@ -187,6 +211,7 @@ class CopyOnWrite:
             self._finish_protect()
         finally:
             native.wp_release(self._fd, self._ram)
+            self._holding = False
 
     def _finish_protect(self) -> None:
         """The posted protect, done (here if nobody ran it yet); OSError if it failed
@@ -220,9 +245,12 @@ class CopyOnWrite:
                     assert self._rearm is not None
                     self._rearm()
         finally:
-            faults, serve_ns, serve_max_ns, copy_ns = native.wp_copy(
-                self._fd, self._ram, pfns, staging, self.run_pages, self.unit_pages,
-                checksums, batch_pages)
+            try:
+                faults, serve_ns, serve_max_ns, copy_ns = native.wp_copy(
+                    self._fd, self._ram, pfns, staging, self.run_pages, self.unit_pages,
+                    checksums, batch_pages)
+            finally:
+                self._holding = False  # wp_copy lifts every protection, even when it fails
         return CopyStats(faults, serve_ns / 1e3, serve_max_ns / 1e3, copy_ns / 1e3,
                          self._protected_at_ns)
 

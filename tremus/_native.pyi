@@ -181,6 +181,11 @@ def wp_protect_bitmap(fd: int, ram: Buffer, bitmap: Buffer, unit_pages: int = 1)
     """``wp_protect`` for the pages whose bit is set in ``bitmap`` (bit ``i`` of
     little-endian u64 word ``i // 64`` is page ``i``), without a pfn list."""
 
+def wp_lift_bitmap(fd: int, ram: Buffer, bitmap: Buffer, unit_pages: int = 1) -> int:
+    """Lift write protection from the units holding the pages set in ``bitmap``
+    (waking their writers); returns the ioctls made. On units with none set, the
+    page tables stay as they are, but KVM drops its mappings of those pages."""
+
 def wp_protect_bitmap_post(slot: Buffer, fd: int, ram: Buffer, bitmap: Buffer,
                            unit_pages: int = 1) -> None:
     """Post ``wp_protect_bitmap`` to the parked work slot ``slot`` (a parked

@@ -185,18 +185,19 @@ static Py_ssize_t next_unit(const unsigned char *p, Py_ssize_t j, Py_ssize_t n,
 }
 
 /* Protection set by one call, run by run: on a failure what it protected is
- * lifted again (nothing may stay protected unserved) and the errno kept. */
+ * lifted again (nothing may stay protected unserved) and the errno kept. A call
+ * that lifts (wp_lift_bitmap) stops at its first failure. */
 struct protecting {
-    int fd, failed;
+    int fd, failed, lift;
     uint64_t base, from, to;
     Py_ssize_t runs;
 };
 
 static void protect_run(struct protecting *p, uint64_t first, uint64_t end) {
     if (wp_range(p->fd, p->base + first * TREMUS_PAGE_SIZE, (end - first) * TREMUS_PAGE_SIZE,
-                 1) != 0) {
+                 !p->lift) != 0) {
         p->failed = errno;
-        if (p->to > p->from)
+        if (!p->lift && p->to > p->from)
             wp_range(p->fd, p->base + p->from * TREMUS_PAGE_SIZE,
                      (p->to - p->from) * TREMUS_PAGE_SIZE, 0);
         return;
@@ -306,22 +307,15 @@ static int protect_bitmap_args(PyObject *args, PyObject *kw, const char *format,
     return 1;
 }
 
-/* wp_protect_bitmap(fd, ram, bitmap, unit_pages=1) -> ioctls made
- *
- * wp_protect for the pages whose bit is set in bitmap (bit i of little-endian u64
- * word i / 64 is page i), without listing them first: in the pause, listing
- * sixteen thousand pfns and reading them back cost more than protecting their
- * 2 MiB units. */
-PyObject *tn_wp_protect_bitmap(PyObject *self, PyObject *args, PyObject *kw) {
+/* Set (or lift) protection on the units of the pages set in a bitmap, in one call. */
+static PyObject *bitmap_units_call(PyObject *args, PyObject *kw, const char *format, int lift) {
     static char *kwlist[] = {"fd", "ram", "bitmap", "unit_pages", NULL};
     int fd;
     Py_buffer ram = {0}, bitmap = {0};
     struct units u;
     PyObject *result = NULL;
-    (void)self;
-    if (protect_bitmap_args(args, kw, "iO&O&|n:wp_protect_bitmap", kwlist, NULL, &fd, &ram,
-                            &bitmap, &u)) {
-        struct protecting prot = {.fd = fd, .base = (uint64_t)(uintptr_t)ram.buf};
+    if (protect_bitmap_args(args, kw, format, kwlist, NULL, &fd, &ram, &bitmap, &u)) {
+        struct protecting prot = {.fd = fd, .lift = lift, .base = (uint64_t)(uintptr_t)ram.buf};
         Py_BEGIN_ALLOW_THREADS
         protect_bitmap_units(&prot, &u, bitmap.buf);
         Py_END_ALLOW_THREADS
@@ -330,6 +324,28 @@ PyObject *tn_wp_protect_bitmap(PyObject *self, PyObject *args, PyObject *kw) {
     PyBuffer_Release(&ram);
     PyBuffer_Release(&bitmap);
     return result;
+}
+
+/* wp_protect_bitmap(fd, ram, bitmap, unit_pages=1) -> ioctls made
+ *
+ * wp_protect for the pages whose bit is set in bitmap (bit i of little-endian u64
+ * word i / 64 is page i), without listing them first: in the pause, listing
+ * sixteen thousand pfns and reading them back cost more than protecting their
+ * 2 MiB units. */
+PyObject *tn_wp_protect_bitmap(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    return bitmap_units_call(args, kw, "iO&O&|n:wp_protect_bitmap", 0);
+}
+
+/* wp_lift_bitmap(fd, ram, bitmap, unit_pages=1) -> ioctls made
+ *
+ * Lift write protection from the units of the pages set in bitmap. On units that
+ * hold none it changes no page-table entry, but the kernel still tells the
+ * mapping's MMU notifiers the range changed: KVM walks its reverse map of those
+ * pages and drops its mappings of them, as a write-protect of them would. */
+PyObject *tn_wp_lift_bitmap(PyObject *self, PyObject *args, PyObject *kw) {
+    (void)self;
+    return bitmap_units_call(args, kw, "iO&O&|n:wp_lift_bitmap", 1);
 }
 
 /* wp_protect_bitmap posted to a parked vCPU thread (see struct tn_parked_work): the

@@ -119,6 +119,8 @@ static PyMethodDef methods[] = {
      "wp_protect(fd, ram, pfns, unit_pages=1) -> ioctls made"},
     {"wp_protect_bitmap", KW tn_wp_protect_bitmap, METH_VARARGS | METH_KEYWORDS,
      "wp_protect_bitmap(fd, ram, bitmap, unit_pages=1) -> ioctls made"},
+    {"wp_lift_bitmap", KW tn_wp_lift_bitmap, METH_VARARGS | METH_KEYWORDS,
+     "wp_lift_bitmap(fd, ram, bitmap, unit_pages=1) -> ioctls made"},
     {"wp_protect_bitmap_post", KW tn_wp_protect_bitmap_post, METH_VARARGS | METH_KEYWORDS,
      "wp_protect_bitmap_post(slot, fd, ram, bitmap, unit_pages=1) -> None"},
     {"wp_protect_bitmap_finish", KW tn_wp_protect_bitmap_finish, METH_VARARGS | METH_KEYWORDS,

@@ -162,6 +162,7 @@ PyObject *tn_dirty_bitmap_merge(PyObject *self, PyObject *args, PyObject *kw);
 Py_ssize_t tn_bitmap_merge(const unsigned char *bitmap, unsigned char *extra, unsigned char *out,
                            Py_ssize_t len);
 PyObject *tn_wp_protect_bitmap(PyObject *self, PyObject *args, PyObject *kw);
+PyObject *tn_wp_lift_bitmap(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_pfns_ascending_below(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_scatter(PyObject *self, PyObject *args, PyObject *kw);
 PyObject *tn_memcpy(PyObject *self, PyObject *args, PyObject *kw);
