@@ -422,9 +422,13 @@ class MicroVM:
             # protect in the pause finds that walk's data in the cache. (With manual
             # protection reading the log clears nothing: the capture reads it again.)
             started = time.perf_counter_ns()
-            self._native.get_dirty_log(self._vm_fd, 0, self._kvm_bitmap)
-            cow.drop_secondary_mappings(self._kvm_bitmap)
-            self.unmapped_before_kick_ns = time.perf_counter_ns() - started
+            try:
+                self._native.get_dirty_log(self._vm_fd, 0, self._kvm_bitmap)
+                cow.drop_secondary_mappings(self._kvm_bitmap)
+            except OSError:
+                pass  # only the protect's speed is lost; the capture reports a bad log
+            else:
+                self.unmapped_before_kick_ns = time.perf_counter_ns() - started
         cow.post_at_park(self._vm_fd, 0, self._kvm_bitmap, self._vmm_bitmap, self._dirty_bitmap)
 
     def _abandon_capture(self) -> None:
