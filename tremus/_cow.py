@@ -92,7 +92,7 @@ class CopyOnWrite:
         self._protected_at_park = False
         self._protected_at_ns = 0
         #: Pages are protected (or being so) that no ``copy`` or ``release_all`` has
-        #: released yet.
+        #: released yet: set with every protect, posted or not.
         self._holding = False
         self._fd = native.wp_open(ram)
 
@@ -153,8 +153,8 @@ class CopyOnWrite:
     @property
     def idle(self) -> bool:
         """Nothing posted, protected or left to copy: a new capture may start."""
-        return (self._capture is None and self._posted is None and not self._holding
-                and not self._rearm_due)
+        # A posted protect, or a re-arm left to ``copy``, comes with pages held.
+        return self._capture is None and not self._holding
 
     @property
     def posted_at_park(self) -> bool:
